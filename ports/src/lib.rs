@@ -1,0 +1,23 @@
+//! Faultline's ports: the traits the engine needs from the outside world, and nothing else.
+//!
+//! * [`JobStore`]: one wide storage trait. Every adapter (Postgres, in-memory) implements all of
+//!   it with the same semantics, proven by one contract suite run against each.
+//! * [`Clock`]: "now", so tests can pin time. Production Postgres ignores it and uses the
+//!   database's `now()`.
+//!
+//! *Architecture invariant*: ports depend on `faultline-domain` only; no adapter types (no sqlx,
+//! no HTTP) appear in any signature here.
+
+mod clock;
+mod store;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+#[cfg(feature = "mock")]
+pub use store::MockJobStore;
+pub use store::{
+    ClaimParams, EnqueueOutcome, Enqueued, Failure, HeartbeatOutcome, JobPage, JobStore,
+    LeaseRef, ListParams, PruneParams, QueueStats, StoreError, StoreResult, WriteOutcome,
+};
+
+/// The domain crate, re-exported so adapters and apps name one path.
+pub use faultline_domain as domain;
