@@ -1,1 +1,1 @@
-//! placeholder
+//! Faultline's test harness. (Being written.)
