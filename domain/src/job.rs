@@ -29,7 +29,8 @@ pub struct Job {
     /// Bumped on every claim; every write by a lease holder must present the current value.
     pub fencing_token: i64,
     /// Set by a cancel of a running job: its worker learns it at the next heartbeat, and the job
-    /// ends `cancelled` instead of being retried.
+    /// ends `cancelled` instead of being retried. Kept as a record once the job finishes; never
+    /// set on a queued job (a redrive clears it).
     pub cancel_requested: bool,
     /// Earliest time the job may be claimed (scheduling, backoff, snooze).
     pub next_run_at: DateTime<Utc>,

@@ -402,8 +402,8 @@ impl Job {
         if self.state == JobState::Running && self.fencing_token < 1 {
             return fail("a running job has been claimed at least once");
         }
-        if self.cancel_requested && self.state != JobState::Running {
-            return fail("a cancel request only stays pending while running");
+        if self.cancel_requested && self.state == JobState::Queued {
+            return fail("a queued job has no pending cancel request");
         }
         if self.result.is_some() && self.state != JobState::Succeeded {
             return fail("only succeeded jobs carry a result");
