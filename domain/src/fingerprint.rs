@@ -59,7 +59,10 @@ mod tests {
     fn key_order_and_whitespace_do_not_matter() {
         let a: Value = serde_json::from_str(r#"{"b": [1, {"y": 2, "x": 1}], "a": "s"}"#).unwrap();
         let b: Value = serde_json::from_str(r#"{"a":"s","b":[1,{"x":1,"y":2}]}"#).unwrap();
-        assert_eq!(payload_fingerprint("q", "k", &a), payload_fingerprint("q", "k", &b));
+        assert_eq!(
+            payload_fingerprint("q", "k", &a),
+            payload_fingerprint("q", "k", &b)
+        );
     }
 
     #[test]

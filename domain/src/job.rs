@@ -90,12 +90,47 @@ impl Job {
 pub struct Limits;
 
 impl Limits {
-    /// Longest queue name, kind or idempotency key, in characters.
+    /// Longest queue name, kind, idempotency key or worker id, in characters.
     pub const MAX_NAME_CHARS: usize = 128;
     /// Largest attempt budget.
     pub const MAX_ATTEMPTS: i32 = 1_000;
     /// Longest delay, backoff, lease or timeout: 365 days in milliseconds.
     pub const MAX_DURATION_MS: i64 = 365 * 24 * 3_600_000;
+
+    /// Checks a name (queue, kind, key, worker id): 1 to [`Limits::MAX_NAME_CHARS`] characters,
+    /// no control characters.
+    pub fn check_name(field: &'static str, value: &str) -> Result<(), SpecError> {
+        check_name(field, value)
+    }
+
+    /// Checks a duration in milliseconds: between `min` and [`Limits::MAX_DURATION_MS`].
+    pub fn check_ms(field: &'static str, value: i64, min: i64) -> Result<(), SpecError> {
+        check_ms(field, Some(value), min)
+    }
+
+    /// Checks that JSON can be stored: PostgreSQL's `jsonb` refuses the NUL character
+    /// (`\u0000`) in strings and keys, so no store accepts it.
+    pub fn check_json(field: &'static str, value: &Value) -> Result<(), SpecError> {
+        fn has_nul(value: &Value) -> bool {
+            match value {
+                Value::String(s) => s.contains('\0'),
+                Value::Array(items) => items.iter().any(has_nul),
+                Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+                _ => false,
+            }
+        }
+        if has_nul(value) {
+            Err(SpecError::NulCharacter { field })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// `text` with every NUL character (which PostgreSQL `text` refuses) replaced by U+FFFD, for
+    /// free-form text such as error messages.
+    pub fn storable_text(text: &str) -> String {
+        text.replace('\0', "\u{FFFD}")
+    }
 }
 
 /// A request to enqueue one job. Validate it with [`JobSpec::validate`] before handing it to a store.
@@ -175,6 +210,7 @@ impl JobSpec {
     pub fn validate(&self) -> Result<(), SpecError> {
         check_name("queue", &self.queue)?;
         check_name("kind", &self.kind)?;
+        Limits::check_json("payload", &self.payload)?;
         if let Some(key) = &self.idempotency_key {
             check_name("idempotency_key", key)?;
         }
@@ -253,6 +289,12 @@ pub enum SpecError {
         /// The offending field.
         field: &'static str,
     },
+    /// JSON with a NUL character, which PostgreSQL cannot store.
+    #[error("{field} must not contain the NUL character (\\u0000)")]
+    NulCharacter {
+        /// The offending field.
+        field: &'static str,
+    },
     /// Two fields that may not both be set.
     #[error("{fields} are mutually exclusive")]
     Exclusive {
@@ -274,22 +316,61 @@ mod tests {
             (JobSpec::new("", json!({})), "kind must be 1 to 128"),
             (ok.clone().queue("a".repeat(129)), "queue must be 1 to 128"),
             (ok.clone().queue("a\nb"), "queue must not contain control"),
-            (ok.clone().idempotency_key("k\u{7}"), "idempotency_key must not"),
-            (JobSpec { max_attempts: 0, ..ok.clone() }, "max_attempts must be between"),
-            (JobSpec { delay_ms: Some(-1), ..ok.clone() }, "delay must be between"),
-            (JobSpec { timeout_ms: Some(0), ..ok.clone() }, "timeout must be between"),
             (
-                JobSpec { delay_ms: Some(1), run_at: Some(Utc::now()), ..ok.clone() },
+                ok.clone().idempotency_key("k\u{7}"),
+                "idempotency_key must not",
+            ),
+            (
+                JobSpec {
+                    max_attempts: 0,
+                    ..ok.clone()
+                },
+                "max_attempts must be between",
+            ),
+            (
+                JobSpec::new("k", json!({"a": ["x\u{0}"]})),
+                "payload must not contain the NUL",
+            ),
+            (
+                JobSpec::new("k", json!({"a\u{0}": 1})),
+                "payload must not contain the NUL",
+            ),
+            (
+                JobSpec {
+                    delay_ms: Some(-1),
+                    ..ok.clone()
+                },
+                "delay must be between",
+            ),
+            (
+                JobSpec {
+                    timeout_ms: Some(0),
+                    ..ok.clone()
+                },
+                "timeout must be between",
+            ),
+            (
+                JobSpec {
+                    delay_ms: Some(1),
+                    run_at: Some(Utc::now()),
+                    ..ok.clone()
+                },
                 "run_at and delay are mutually exclusive",
             ),
             (
-                JobSpec { retry_policy: RetryPolicy::new(10, 5), ..ok.clone() },
+                JobSpec {
+                    retry_policy: RetryPolicy::new(10, 5),
+                    ..ok.clone()
+                },
                 "backoff cap must not be below",
             ),
         ];
         for (spec, expected) in cases {
             let err = spec.validate().expect_err(expected).to_string();
-            assert!(err.starts_with(expected), "{err:?} should start with {expected:?}");
+            assert!(
+                err.starts_with(expected),
+                "{err:?} should start with {expected:?}"
+            );
         }
     }
 }

@@ -54,7 +54,11 @@ impl RetryPolicy {
     /// Applies jitter to `delay_ms` with `sample` in `[0, 1)` (clamped): the result lies in
     /// `[floor(delay * (1 - jitter)), min(cap, delay * (1 + jitter))]`.
     pub fn apply_jitter_ms(&self, delay_ms: i64, sample: f64) -> i64 {
-        let sample = if sample.is_finite() { sample.clamp(0.0, 1.0) } else { 0.5 };
+        let sample = if sample.is_finite() {
+            sample.clamp(0.0, 1.0)
+        } else {
+            0.5
+        };
         let jitter = self.jitter.clamp(0.0, 1.0);
         let factor = 1.0 - jitter + 2.0 * jitter * sample;
         let jittered = (delay_ms as f64 * factor).floor();
@@ -93,7 +97,10 @@ mod tests {
     fn huge_attempt_numbers_saturate_at_the_cap() {
         let p = RetryPolicy::new(i64::MAX / 2, i64::MAX);
         assert_eq!(p.delay_without_jitter_ms(i32::MAX), i64::MAX);
-        assert_eq!(RetryPolicy::DEFAULT.delay_without_jitter_ms(i32::MAX), 3_600_000);
+        assert_eq!(
+            RetryPolicy::DEFAULT.delay_without_jitter_ms(i32::MAX),
+            3_600_000
+        );
     }
 
     fn policy() -> impl Strategy<Value = RetryPolicy> {

@@ -235,7 +235,9 @@ impl Event {
 pub enum TransitionError {
     /// A lease holder's write whose lease is gone: the job is no longer `running` under the
     /// presented token (it was rescued, re-claimed, finished or redriven since).
-    #[error("stale lease: token {presented} no longer holds the job (state {state}, token {current})")]
+    #[error(
+        "stale lease: token {presented} no longer holds the job (state {state}, token {current})"
+    )]
     StaleLease {
         /// The token the writer presented.
         presented: i64,

@@ -13,16 +13,32 @@ fn t0() -> DateTime<Utc> {
 #[derive(Debug, Clone)]
 enum Step {
     Advance(i64),
-    Claim { lease_ms: i64 },
+    Claim {
+        lease_ms: i64,
+    },
     /// `stale` presents a token other than the current one.
-    Heartbeat { stale: bool },
-    Complete { stale: bool },
-    FailRetryable { stale: bool, delay_ms: i64 },
-    FailPermanently { stale: bool },
-    LeaseExpired { delay_ms: i64 },
+    Heartbeat {
+        stale: bool,
+    },
+    Complete {
+        stale: bool,
+    },
+    FailRetryable {
+        stale: bool,
+        delay_ms: i64,
+    },
+    FailPermanently {
+        stale: bool,
+    },
+    LeaseExpired {
+        delay_ms: i64,
+    },
     Cancel,
     Redrive,
-    Snooze { stale: bool, delay_ms: i64 },
+    Snooze {
+        stale: bool,
+        delay_ms: i64,
+    },
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -37,7 +53,8 @@ fn step() -> impl Strategy<Value = Step> {
         (0_i64..2_000).prop_map(|delay_ms| Step::LeaseExpired { delay_ms }),
         Just(Step::Cancel),
         Just(Step::Redrive),
-        (any::<bool>(), 0_i64..2_000).prop_map(|(stale, delay_ms)| Step::Snooze { stale, delay_ms }),
+        (any::<bool>(), 0_i64..2_000)
+            .prop_map(|(stale, delay_ms)| Step::Snooze { stale, delay_ms }),
     ]
 }
 
@@ -190,22 +207,63 @@ fn holder_events_need_the_current_token_and_a_running_job() {
     let mut job = new_job(3);
     let now = t0();
     let err = job
-        .apply(Event::Complete { token: 0, now, result: None })
+        .apply(Event::Complete {
+            token: 0,
+            now,
+            result: None,
+        })
         .unwrap_err();
     assert_eq!(
         err,
-        TransitionError::StaleLease { presented: 0, current: 0, state: JobState::Queued }
+        TransitionError::StaleLease {
+            presented: 0,
+            current: 0,
+            state: JobState::Queued
+        }
     );
-    job.apply(Event::Claim { owner: "a".into(), now, lease_ms: 10 }).unwrap();
+    job.apply(Event::Claim {
+        owner: "a".into(),
+        now,
+        lease_ms: 10,
+    })
+    .unwrap();
     assert_eq!(job.fencing_token, 1);
-    assert_eq!(job.lease_expires_at, Some(now + TimeDelta::milliseconds(10)));
+    assert_eq!(
+        job.lease_expires_at,
+        Some(now + TimeDelta::milliseconds(10))
+    );
     // The lease ran out and another worker took the job: the first holder is fenced off.
     let later = now + TimeDelta::milliseconds(10);
-    job.apply(Event::LeaseExpired { now: later, delay_ms: 0 }).unwrap();
-    job.apply(Event::Claim { owner: "b".into(), now: later, lease_ms: 10 }).unwrap();
-    let stale = job.apply(Event::Complete { token: 1, now: later, result: None });
-    assert!(matches!(stale, Err(TransitionError::StaleLease { presented: 1, current: 2, .. })));
-    job.apply(Event::Complete { token: 2, now: later, result: None }).unwrap();
+    job.apply(Event::LeaseExpired {
+        now: later,
+        delay_ms: 0,
+    })
+    .unwrap();
+    job.apply(Event::Claim {
+        owner: "b".into(),
+        now: later,
+        lease_ms: 10,
+    })
+    .unwrap();
+    let stale = job.apply(Event::Complete {
+        token: 1,
+        now: later,
+        result: None,
+    });
+    assert!(matches!(
+        stale,
+        Err(TransitionError::StaleLease {
+            presented: 1,
+            current: 2,
+            ..
+        })
+    ));
+    job.apply(Event::Complete {
+        token: 2,
+        now: later,
+        result: None,
+    })
+    .unwrap();
     assert_eq!(job.state, JobState::Succeeded);
 }
 
@@ -213,11 +271,23 @@ fn holder_events_need_the_current_token_and_a_running_job() {
 fn claims_wait_for_the_due_time_and_expiry_waits_for_the_lease() {
     let mut job = new_job(3);
     job.next_run_at = t0() + TimeDelta::seconds(5);
-    let early = Event::Claim { owner: "w".into(), now: t0(), lease_ms: 1_000 };
+    let early = Event::Claim {
+        owner: "w".into(),
+        now: t0(),
+        lease_ms: 1_000,
+    };
     assert_eq!(job.apply(early), Err(TransitionError::NotDue));
     let due = t0() + TimeDelta::seconds(5);
-    job.apply(Event::Claim { owner: "w".into(), now: due, lease_ms: 1_000 }).unwrap();
-    let not_yet = Event::LeaseExpired { now: due, delay_ms: 0 };
+    job.apply(Event::Claim {
+        owner: "w".into(),
+        now: due,
+        lease_ms: 1_000,
+    })
+    .unwrap();
+    let not_yet = Event::LeaseExpired {
+        now: due,
+        delay_ms: 0,
+    };
     assert_eq!(job.apply(not_yet), Err(TransitionError::LeaseNotExpired));
 }
 
@@ -226,24 +296,48 @@ fn cancel_of_a_running_job_is_deferred_to_the_end_of_its_attempt() {
     let now = t0();
     // A retryable failure of a job marked for cancellation ends it cancelled, not retried.
     let mut job = new_job(3);
-    job.apply(Event::Claim { owner: "w".into(), now, lease_ms: 1_000 }).unwrap();
+    job.apply(Event::Claim {
+        owner: "w".into(),
+        now,
+        lease_ms: 1_000,
+    })
+    .unwrap();
     job.apply(Event::Cancel { now }).unwrap();
     assert_eq!((job.state, job.cancel_requested), (JobState::Running, true));
     let token = job.fencing_token;
-    job.apply(Event::FailRetryable { token, now, error: "stopped".into(), delay_ms: 0 }).unwrap();
+    job.apply(Event::FailRetryable {
+        token,
+        now,
+        error: "stopped".into(),
+        delay_ms: 0,
+    })
+    .unwrap();
     assert_eq!(job.state, JobState::Cancelled);
     assert_eq!(job.finished_at, Some(now));
     // A completion that races the cancel still counts: the work was done.
     let mut job = new_job(3);
-    job.apply(Event::Claim { owner: "w".into(), now, lease_ms: 1_000 }).unwrap();
+    job.apply(Event::Claim {
+        owner: "w".into(),
+        now,
+        lease_ms: 1_000,
+    })
+    .unwrap();
     job.apply(Event::Cancel { now }).unwrap();
     let token = job.fencing_token;
-    job.apply(Event::Complete { token, now, result: None }).unwrap();
+    job.apply(Event::Complete {
+        token,
+        now,
+        result: None,
+    })
+    .unwrap();
     assert_eq!(job.state, JobState::Succeeded);
     // Finished jobs cannot be cancelled.
     assert_eq!(
         job.apply(Event::Cancel { now }),
-        Err(TransitionError::IllegalTransition { from: JobState::Succeeded, event: EventKind::Cancel })
+        Err(TransitionError::IllegalTransition {
+            from: JobState::Succeeded,
+            event: EventKind::Cancel
+        })
     );
 }
 
@@ -251,9 +345,20 @@ fn cancel_of_a_running_job_is_deferred_to_the_end_of_its_attempt() {
 fn redrive_gives_a_fresh_budget_and_keeps_the_last_error() {
     let now = t0();
     let mut job = new_job(1);
-    job.apply(Event::Claim { owner: "w".into(), now, lease_ms: 1_000 }).unwrap();
+    job.apply(Event::Claim {
+        owner: "w".into(),
+        now,
+        lease_ms: 1_000,
+    })
+    .unwrap();
     let token = job.fencing_token;
-    job.apply(Event::FailRetryable { token, now, error: "boom".into(), delay_ms: 0 }).unwrap();
+    job.apply(Event::FailRetryable {
+        token,
+        now,
+        error: "boom".into(),
+        delay_ms: 0,
+    })
+    .unwrap();
     assert_eq!((job.state, job.attempts), (JobState::Failed, 1));
     let later = now + TimeDelta::seconds(60);
     job.apply(Event::Redrive { now: later }).unwrap();

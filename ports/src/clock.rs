@@ -63,6 +63,9 @@ mod tests {
         let other = clock.clone();
         assert_eq!(clock.now(), DateTime::UNIX_EPOCH);
         other.advance_ms(1_500);
-        assert_eq!(clock.now(), DateTime::UNIX_EPOCH + TimeDelta::milliseconds(1_500));
+        assert_eq!(
+            clock.now(),
+            DateTime::UNIX_EPOCH + TimeDelta::milliseconds(1_500)
+        );
     }
 }

@@ -10,13 +10,19 @@
 
 mod clock;
 mod store;
+mod validate;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 #[cfg(feature = "mock")]
 pub use store::MockJobStore;
 pub use store::{
-    ClaimParams, EnqueueOutcome, Enqueued, Failure, HeartbeatOutcome, JobPage, JobStore,
-    LeaseRef, ListParams, PruneParams, QueueStats, StoreError, StoreResult, WriteOutcome,
+    ClaimParams, EnqueueOutcome, Enqueued, Failure, HeartbeatOutcome, JobPage, JobStore, LeaseRef,
+    ListParams, PruneParams, QueueStats, StoreError, StoreResult, WriteOutcome,
+};
+
+pub use validate::{
+    MAX_CLAIM_LIMIT, MAX_PAGE_SIZE, validate_extend_ms, validate_result, validate_snooze_ms,
+    validate_specs,
 };
 
 /// The domain crate, re-exported so adapters and apps name one path.

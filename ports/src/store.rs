@@ -3,7 +3,11 @@
 //! Semantics every adapter must honour (the contract suite in `tests/` checks each):
 //! * Writes by a lease holder take a [`LeaseRef`] (job id + fencing token) and succeed only while
 //!   the job is `running` under that token; otherwise they change nothing and report
-//!   [`StoreError::StaleLease`] (or [`WriteOutcome::Stale`] in batches).
+//!   [`StoreError::StaleLease`] (or [`WriteOutcome::Stale`] / [`HeartbeatOutcome::Lost`] in
+//!   batches). A lease on a job that does not exist (any more) is stale too.
+//! * Inputs are checked with the `validate` functions of this crate before anything changes;
+//!   free-form text (errors) is stored with NUL characters replaced
+//!   (`faultline_domain::Limits::storable_text`).
 //! * Lease times and due times are computed from the store's own clock, never the caller's.
 //! * Every transition follows `faultline_domain::Job::apply`.
 
@@ -184,7 +188,9 @@ pub enum StoreError {
         lease: LeaseRef,
     },
     /// The idempotency key is already used by a job with a different request.
-    #[error("idempotency key {key:?} is already used by job {existing_id} with a different request")]
+    #[error(
+        "idempotency key {key:?} is already used by job {existing_id} with a different request"
+    )]
     Conflict {
         /// The key.
         key: String,
@@ -248,7 +254,8 @@ pub trait JobStore: Send + Sync + 'static {
     /// Completes a leased job with an optional result.
     async fn job_complete(&self, lease: LeaseRef, result: Option<Value>) -> StoreResult<Job>;
 
-    /// Completes many leased jobs in one round trip, with an outcome per item in input order.
+    /// Completes many leased jobs in one round trip, with an outcome per item in input order. A
+    /// lease repeated within the batch is accepted at most once (its first occurrence).
     async fn job_complete_many(
         &self,
         completions: &[(LeaseRef, Option<Value>)],
@@ -271,7 +278,8 @@ pub trait JobStore: Send + Sync + 'static {
     /// Ends up to `limit` expired leases as failed attempts: back to `queued` with backoff,
     /// `failed` when the attempts are spent, `cancelled` when a cancel was requested. Never
     /// touches a job whose lease was extended or that finished in the meantime. Returns the
-    /// rescued jobs in their new state.
+    /// rescued jobs in their new state, ordered by (old lease end, id); the earliest expired
+    /// leases are rescued first.
     async fn job_rescue_expired(&self, limit: u32) -> StoreResult<Vec<Job>>;
 
     /// One job by id.
@@ -283,6 +291,8 @@ pub trait JobStore: Send + Sync + 'static {
     /// Counts by state and the oldest due job, per queue that has any job, sorted by queue.
     async fn queue_stats(&self) -> StoreResult<Vec<QueueStats>>;
 
-    /// Deletes up to `limit` finished jobs older than their state's retention; returns how many.
+    /// Deletes up to `limit` finished jobs whose `finished_at` is strictly older than now minus
+    /// their state's retention, oldest first; returns how many. Their idempotency keys are free
+    /// again.
     async fn job_prune(&self, params: &PruneParams) -> StoreResult<u64>;
 }
