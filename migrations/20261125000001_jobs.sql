@@ -49,9 +49,10 @@ create index faultline_jobs_claim_idx
     on faultline_jobs (queue, priority, next_run_at, id)
     where state = 'queued';
 
--- Rescue: running jobs by lease end.
+-- Rescue: running jobs by lease end, then id (the rescue order, so a limited rescue reads only
+-- the leases it ends instead of sorting every expired one).
 create index faultline_jobs_rescue_idx
-    on faultline_jobs (lease_expires_at)
+    on faultline_jobs (lease_expires_at, id)
     where state = 'running';
 
 -- Idempotency keys are unique while their job exists (enforced by the database, race-safe).
@@ -59,9 +60,10 @@ create unique index faultline_jobs_idempotency_key_idx
     on faultline_jobs (idempotency_key)
     where idempotency_key is not null;
 
--- Retention pruning: finished jobs by finish time.
+-- Retention pruning: finished jobs by finish time, then id (the pruning order, so a limited prune
+-- stops after `limit` jobs instead of sorting the whole history).
 create index faultline_jobs_finished_idx
-    on faultline_jobs (finished_at)
+    on faultline_jobs (finished_at, id)
     where finished_at is not null;
 
 -- The retry policy of faultline_domain::RetryPolicy::delay_ms, in SQL, so that rescue and retry

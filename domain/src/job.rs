@@ -1,7 +1,7 @@
 //! The job record shared by every crate (the leaf type everything speaks), and the validated
 //! request to create one.
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, Datelike, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -218,6 +218,14 @@ impl JobSpec {
             return Err(SpecError::OutOfRange {
                 field: "max_attempts",
                 detail: format!("must be between 1 and {}", Limits::MAX_ATTEMPTS),
+            });
+        }
+        if let Some(at) = self.run_at
+            && !(1..=9999).contains(&at.year())
+        {
+            return Err(SpecError::OutOfRange {
+                field: "run_at",
+                detail: "must be within the years 1 to 9999".into(),
             });
         }
         if self.run_at.is_some() && self.delay_ms.is_some() {

@@ -1,1 +1,80 @@
-fn main() {}
+//! `cargo xtask`: Faultline's project automation (`test`, `migrate`, `tidy`).
+
+mod migrate;
+mod server;
+mod sweep;
+mod test;
+mod tidy;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Faultline's project automation.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the whole test suite against a PostgreSQL server: DATABASE_URL if set, else a private
+    /// cluster from the local PostgreSQL binaries, else a postgres:15 Docker container.
+    ///
+    /// Sweeps leftover test databases first, then runs `cargo nextest run --workspace` (or
+    /// `cargo test --workspace` without nextest) with DATABASE_URL exported.
+    Test {
+        /// Extra arguments for nextest (or cargo test), e.g. `-- -p faultline-domain` or a filter.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<String>,
+    },
+    /// Apply pending database migrations and print what was applied.
+    Migrate {
+        /// The database to migrate.
+        #[arg(long, env = "DATABASE_URL", value_name = "URL")]
+        database_url: String,
+    },
+    /// Check dependency directions between the crates and that every .rs file starts with `//!`.
+    Tidy,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Test { args } => test::run(&args),
+        Command::Migrate { database_url } => {
+            migrate::run(&database_url).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Tidy => tidy::run().map(|()| ExitCode::SUCCESS),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("xtask: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A tokio runtime for the few async (sqlx) steps.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,470 @@
+//! Every SQL statement of the adapter, as static strings (sqlx caches each as a prepared statement).
+//!
+//! Conventions: `$clock` parameters are the test clock override or NULL, used as
+//! `coalesce($n::timestamptz, now())` in a one-row `clock` CTE so a statement reads "now" once.
+//! Durations arrive in milliseconds and become intervals with `* interval '1 millisecond'`
+//! (exact to the microsecond). Lease-holder writes match on id, `state = 'running'` and the
+//! fencing token, so a stale holder changes nothing.
+
+/// `$p` prefixed to each column name, comma-separated.
+macro_rules! prefixed {
+    ($p:literal; $first:ident $(, $rest:ident)*) => {
+        concat!($p, stringify!($first) $(, ", ", $p, stringify!($rest))*)
+    };
+}
+
+/// The columns [`crate::row::job_from_row`] reads, each prefixed with `$p` (`""` or `"j."`).
+macro_rules! job_columns {
+    ($p:literal) => {
+        prefixed!($p; id, queue, kind, payload, priority, state, attempts, max_attempts,
+            fencing_token, cancel_requested, next_run_at, lease_owner, lease_expires_at,
+            idempotency_key, backoff_base_ms, backoff_cap_ms, backoff_jitter, timeout_ms,
+            last_error, result, created_at, started_at, finished_at)
+    };
+}
+
+/// Enqueues one job. Returns the new job, or no row when its idempotency key is taken.
+/// Notifies the queue when the job is due now. Parameters: 1 queue, 2 kind, 3 payload,
+/// 4 priority, 5 run_at, 6 delay_ms, 7 max_attempts, 8 backoff base, 9 backoff cap,
+/// 10 jitter, 11 timeout_ms, 12 idempotency key, 13 payload hash, 14 clock.
+pub const ENQUEUE_ONE: &str = concat!(
+    "with clock as materialized (select coalesce($14::timestamptz, now()) as now),
+inserted as (
+    insert into faultline_jobs (queue, kind, payload, priority, next_run_at, max_attempts,
+        backoff_base_ms, backoff_cap_ms, backoff_jitter, timeout_ms, idempotency_key,
+        payload_hash, created_at)
+    select $1::text, $2::text, $3::jsonb, $4::int2,
+        coalesce($5::timestamptz, c.now + $6::int8 * interval '1 millisecond', c.now),
+        $7::int4, $8::int8, $9::int8, $10::float8, $11::int8, $12::text, $13::bytea, c.now
+    from clock c
+    on conflict (idempotency_key) where idempotency_key is not null do nothing
+    returning ",
+    job_columns!(""),
+    "
+),
+notified as (
+    select count(pg_notify('faultline_jobs', ins.queue)) as n
+    from inserted ins, clock c
+    where ins.next_run_at <= c.now
+)
+select ",
+    job_columns!("ins."),
+    " from inserted ins cross join notified"
+);
+
+/// The unnest of a batch's parallel arrays, with the item order: 1 queue, 2 kind, 3 payload,
+/// 4 priority, 5 run_at, 6 delay_ms, 7 max_attempts, 8 backoff base, 9 backoff cap, 10 jitter,
+/// 11 timeout_ms, 12 idempotency key, 13 payload hash.
+macro_rules! batch_input {
+    () => {
+        "unnest($1::text[], $2::text[], $3::jsonb[], $4::int2[], $5::timestamptz[], $6::int8[],
+                $7::int4[], $8::int8[], $9::int8[], $10::float8[], $11::int8[], $12::text[],
+                $13::bytea[])
+        with ordinality
+        as t(queue, kind, payload, priority, run_at, delay_ms, max_attempts, base_ms, cap_ms,
+             jitter, timeout_ms, idempotency_key, payload_hash, ord)"
+    };
+}
+
+/// The tail of both batch statements: notify each queue that got a due job once, and return
+/// `(id, idempotency_key)` of each created job. 14 is the clock.
+macro_rules! batch_notify_and_return {
+    () => {
+        "notified as (
+    select count(pg_notify('faultline_jobs', d.queue)) as n
+    from (
+        select distinct queue from inserted
+        where next_run_at <= coalesce($14::timestamptz, now())
+    ) d
+)
+select i.id, i.idempotency_key from inserted i cross join notified"
+    };
+}
+
+/// Enqueues a batch without idempotency keys in one `insert ... select from unnest(...)`
+/// (parameters: see `batch_input!`; 14 is the clock). The rows are inserted in input order, so
+/// ids increase in input order. No `on conflict` (nothing can conflict), which spares every row
+/// the speculative-insertion protocol.
+pub const ENQUEUE_MANY_PLAIN: &str = concat!(
+    "with inserted as (
+    insert into faultline_jobs (queue, kind, payload, priority, next_run_at, max_attempts,
+        backoff_base_ms, backoff_cap_ms, backoff_jitter, timeout_ms, created_at)
+    select t.queue, t.kind, t.payload, t.priority,
+        coalesce(t.run_at,
+                 coalesce($14::timestamptz, now()) + t.delay_ms * interval '1 millisecond',
+                 coalesce($14::timestamptz, now())),
+        t.max_attempts, t.base_ms, t.cap_ms, t.jitter, t.timeout_ms,
+        coalesce($14::timestamptz, now())
+    from ",
+    batch_input!(),
+    "
+    order by t.ord
+    returning id, idempotency_key, queue, next_run_at
+),
+",
+    batch_notify_and_return!()
+);
+
+/// Enqueues a batch with idempotency keys (at most one item per key) in one statement
+/// (parameters: see `batch_input!`; 14 is the clock). Items whose key is taken return no row.
+/// Ids are drawn in input order first, then the rows are inserted in key order: concurrent
+/// batches sharing keys then wait for each other's keys in one global order and cannot deadlock.
+pub const ENQUEUE_MANY_KEYED: &str = concat!(
+    "with seq as materialized (
+    select pg_get_serial_sequence('faultline_jobs', 'id')::regclass as seq
+),
+input as materialized (
+    select t.*, nextval((select seq from seq)) as id
+    from ",
+    batch_input!(),
+    "
+    order by t.ord
+),
+inserted as (
+    insert into faultline_jobs (id, queue, kind, payload, priority, next_run_at, max_attempts,
+        backoff_base_ms, backoff_cap_ms, backoff_jitter, timeout_ms, idempotency_key,
+        payload_hash, created_at)
+    overriding system value
+    select t.id, t.queue, t.kind, t.payload, t.priority,
+        coalesce(t.run_at,
+                 coalesce($14::timestamptz, now()) + t.delay_ms * interval '1 millisecond',
+                 coalesce($14::timestamptz, now())),
+        t.max_attempts, t.base_ms, t.cap_ms, t.jitter, t.timeout_ms, t.idempotency_key,
+        t.payload_hash, coalesce($14::timestamptz, now())
+    from input t
+    order by t.idempotency_key collate \"C\"
+    on conflict (idempotency_key) where idempotency_key is not null do nothing
+    returning id, idempotency_key, queue, next_run_at
+),
+",
+    batch_notify_and_return!()
+);
+
+/// The job holding an idempotency key, with its payload hash (appended after the job columns).
+pub const JOB_BY_KEY: &str = concat!(
+    "select ",
+    job_columns!(""),
+    ", payload_hash from faultline_jobs where idempotency_key = $1"
+);
+
+/// Id and payload hash of the jobs holding any of the given idempotency keys.
+pub const IDS_BY_KEYS: &str = "select idempotency_key, id, payload_hash
+from faultline_jobs
+where idempotency_key = any($1::text[])";
+
+/// The update half of both claims: leases the `picked` jobs (1 queue(s), 2 kinds, 3 limit,
+/// 4 worker, 5 lease_ms, 6 clock).
+macro_rules! claim_update {
+    () => {
+        "
+update faultline_jobs j
+set state = 'running',
+    attempts = j.attempts + 1,
+    fencing_token = j.fencing_token + 1,
+    lease_owner = $4::text,
+    lease_expires_at = c.now + $5::int8 * interval '1 millisecond',
+    started_at = c.now
+from picked p, clock c
+where j.id = p.id
+returning "
+    };
+}
+
+/// Claim from one queue: 1 queue, 2 kinds (empty: any), 3 limit, 4 worker, 5 lease_ms, 6 clock.
+/// The equality on the queue lets the partial claim index deliver the claim order directly: no
+/// sort, and the scan stops after `limit` unlocked jobs.
+pub const CLAIM_ONE_QUEUE: &str = concat!(
+    "with clock as materialized (select coalesce($6::timestamptz, now()) as now),
+picked as (
+    select id from faultline_jobs
+    where state = 'queued' and queue = $1::text
+      and (cardinality($2::text[]) = 0 or kind = any($2::text[]))
+      and next_run_at <= (select now from clock)
+    order by priority, next_run_at, id
+    limit $3
+    for update skip locked
+)",
+    claim_update!(),
+    job_columns!("j.")
+);
+
+/// Claim from several queues: 1 queues, then as [`CLAIM_ONE_QUEUE`]. Each queue yields (and
+/// locks) up to `limit` jobs through the claim index, the best `limit` of them are leased: the
+/// cost is bounded by `queues x limit` whatever the backlog, where one `queue = any(...)` scan
+/// would sort every due job of every queue. The other locked candidates are released when the
+/// statement commits.
+pub const CLAIM_MANY_QUEUES: &str = concat!(
+    "with clock as materialized (select coalesce($6::timestamptz, now()) as now),
+picked as (
+    select c.id
+    from (select distinct q from unnest($1::text[]) as u(q)) as queues
+    cross join lateral (
+        select id, priority, next_run_at from faultline_jobs
+        where state = 'queued' and queue = queues.q
+          and (cardinality($2::text[]) = 0 or kind = any($2::text[]))
+          and next_run_at <= (select now from clock)
+        order by priority, next_run_at, id
+        limit $3
+        for update skip locked
+    ) as c
+    order by c.priority, c.next_run_at, c.id
+    limit $3
+)",
+    claim_update!(),
+    job_columns!("j.")
+);
+
+/// Extends leases: 1 ids, 2 tokens, 3 extend_ms, 4 clock. The expected state travels with the
+/// array in a materialized CTE so the plan stays a primary-key lookup per item (PERF-NOTES trap 1).
+pub const HEARTBEAT_MANY: &str = "with input as materialized (
+    select t.id, t.token, 'running'::text as st
+    from unnest($1::int8[], $2::int8[]) as t(id, token)
+),
+clock as materialized (select coalesce($4::timestamptz, now()) as now)
+update faultline_jobs j
+set lease_expires_at = c.now + $3::int8 * interval '1 millisecond'
+from input i, clock c
+where j.id = i.id and j.fencing_token = i.token and j.state = i.st
+returning j.id, j.fencing_token, j.lease_expires_at, j.cancel_requested";
+
+/// Completes leased jobs: 1 ids, 2 tokens, 3 results, 4 clock. Same plan shape as the heartbeat.
+pub const COMPLETE_MANY: &str = "with input as materialized (
+    select t.id, t.token, t.result, 'running'::text as st
+    from unnest($1::int8[], $2::int8[], $3::jsonb[]) as t(id, token, result)
+),
+clock as materialized (select coalesce($4::timestamptz, now()) as now)
+update faultline_jobs j
+set state = 'succeeded', result = i.result, finished_at = c.now, lease_expires_at = null
+from input i, clock c
+where j.id = i.id and j.fencing_token = i.token and j.state = i.st
+returning j.id, j.fencing_token";
+
+/// Completes one leased job: 1 id, 2 token, 3 result, 4 clock.
+pub const COMPLETE_ONE: &str = concat!(
+    "with clock as materialized (select coalesce($4::timestamptz, now()) as now)
+update faultline_jobs j
+set state = 'succeeded', result = $3::jsonb, finished_at = c.now, lease_expires_at = null
+from clock c
+where j.id = $1 and j.fencing_token = $2 and j.state = 'running'
+returning ",
+    job_columns!("j.")
+);
+
+/// Records a failed attempt (`Job::apply` with `FailRetryable` / `FailPermanently`): 1 id, 2 token,
+/// 3 error, 4 retryable, 5 explicit delay_ms or NULL for the job's retry policy, 6 clock.
+pub const FAIL: &str = concat!(
+    "with clock as materialized (select coalesce($6::timestamptz, now()) as now)
+update faultline_jobs j
+set last_error = $3::text,
+    state = case
+        when not $4::bool then 'failed'
+        when j.cancel_requested then 'cancelled'
+        when j.attempts >= j.max_attempts then 'failed'
+        else 'queued' end,
+    finished_at = case
+        when not $4::bool or j.cancel_requested or j.attempts >= j.max_attempts then c.now end,
+    next_run_at = case
+        when not $4::bool or j.cancel_requested or j.attempts >= j.max_attempts then j.next_run_at
+        else c.now + coalesce($5::int8, faultline_backoff_ms(j.attempts, j.backoff_base_ms,
+            j.backoff_cap_ms, j.backoff_jitter, random())) * interval '1 millisecond' end,
+    lease_expires_at = null
+from clock c
+where j.id = $1 and j.fencing_token = $2 and j.state = 'running'
+returning ",
+    job_columns!("j.")
+);
+
+/// Puts a leased job back without using up its attempt (`Job::apply` with `Snooze`):
+/// 1 id, 2 token, 3 delay_ms, 4 clock.
+pub const SNOOZE: &str = concat!(
+    "with clock as materialized (select coalesce($4::timestamptz, now()) as now)
+update faultline_jobs j
+set attempts = j.attempts - 1,
+    state = case when j.cancel_requested then 'cancelled' else 'queued' end,
+    finished_at = case when j.cancel_requested then c.now end,
+    next_run_at = case when j.cancel_requested then j.next_run_at
+        else c.now + $3::int8 * interval '1 millisecond' end,
+    lease_expires_at = null
+from clock c
+where j.id = $1 and j.fencing_token = $2 and j.state = 'running'
+returning ",
+    job_columns!("j.")
+);
+
+/// Cancels a queued job or marks a running one: 1 id, 2 clock. No row: missing or finished.
+pub const CANCEL: &str = concat!(
+    "with clock as materialized (select coalesce($2::timestamptz, now()) as now)
+update faultline_jobs j
+set state = case when j.state = 'queued' then 'cancelled' else j.state end,
+    finished_at = case when j.state = 'queued' then c.now else j.finished_at end,
+    cancel_requested = j.state = 'running'
+from clock c
+where j.id = $1 and j.state in ('queued', 'running')
+returning ",
+    job_columns!("j.")
+);
+
+/// Queues a failed or cancelled job again, due now, and notifies its queue: 1 id, 2 clock.
+/// No row: missing or not redrivable.
+pub const REDRIVE: &str = concat!(
+    "with clock as materialized (select coalesce($2::timestamptz, now()) as now),
+updated as (
+    update faultline_jobs j
+    set state = 'queued', attempts = 0, cancel_requested = false, next_run_at = c.now,
+        finished_at = null, result = null
+    from clock c
+    where j.id = $1 and j.state in ('failed', 'cancelled')
+    returning ",
+    job_columns!("j."),
+    "
+),
+notified as (select count(pg_notify('faultline_jobs', u.queue)) as n from updated u)
+select ",
+    job_columns!("u."),
+    " from updated u cross join notified"
+);
+
+/// The state of one job (to explain why a conditional update matched nothing).
+pub const STATE_OF: &str = "select state from faultline_jobs where id = $1";
+
+/// Ends expired leases as failed attempts (`Job::apply` with `LeaseExpired`), earliest lease end
+/// first (the rescue index order): 1 limit, 2 clock. The update re-checks state, token and expiry,
+/// so a job completed or extended in between is never touched; the expected state and "now" come
+/// from the CTE so the update looks jobs up by primary key (PERF-NOTES trap 1). Also returns each
+/// job's old lease end (`rescued_lease_end`) to order the result.
+pub const RESCUE_EXPIRED: &str = concat!(
+    "with clock as materialized (select coalesce($2::timestamptz, now()) as now),
+expired as materialized (
+    select id, fencing_token, lease_expires_at, 'running'::text as st,
+        (select now from clock) as now
+    from faultline_jobs
+    where state = 'running' and lease_expires_at <= (select now from clock)
+    order by lease_expires_at, id
+    limit $1
+    for update skip locked
+)
+update faultline_jobs j
+set last_error = 'lease expired (worker ' || coalesce(j.lease_owner, '?')
+        || ', fencing token ' || j.fencing_token || ')',
+    state = case
+        when j.cancel_requested then 'cancelled'
+        when j.attempts >= j.max_attempts then 'failed'
+        else 'queued' end,
+    finished_at = case when j.cancel_requested or j.attempts >= j.max_attempts then e.now end,
+    next_run_at = case when j.cancel_requested or j.attempts >= j.max_attempts then j.next_run_at
+        else e.now + faultline_backoff_ms(j.attempts, j.backoff_base_ms, j.backoff_cap_ms,
+            j.backoff_jitter, random()) * interval '1 millisecond' end,
+    lease_expires_at = null
+from expired e
+where j.id = e.id and j.state = e.st and j.fencing_token = e.fencing_token
+  and j.lease_expires_at <= e.now
+returning e.lease_expires_at as rescued_lease_end, ",
+    job_columns!("j.")
+);
+
+/// One job by id.
+pub const GET: &str = concat!(
+    "select ",
+    job_columns!(""),
+    " from faultline_jobs where id = $1"
+);
+
+/// A page of jobs, newest first: 1 queue, 2 state, 3 kind, 4 before_id (each NULL for any),
+/// 5 limit.
+pub const LIST: &str = concat!(
+    "select ",
+    job_columns!(""),
+    " from faultline_jobs
+where ($1::text is null or queue = $1::text)
+  and ($2::text is null or state = $2::text)
+  and ($3::text is null or kind = $3::text)
+  and ($4::int8 is null or id < $4::int8)
+order by id desc
+limit $5"
+);
+
+/// Counts per queue and state, with each queue's oldest due queued job, in one pass over the
+/// table (the counts need every row anyway): 1 clock.
+pub const QUEUE_STATS: &str = "select queue, state, count(*) as n,
+    min(next_run_at) filter (
+        where state = 'queued' and next_run_at <= coalesce($1::timestamptz, now())
+    ) as oldest
+from faultline_jobs
+group by queue, state";
+
+/// Deletes up to `limit` finished jobs past their state's retention, oldest first, through the
+/// `finished_at` index: 1 succeeded, 2 failed, 3 cancelled retention (ms), 4 limit, 5 clock.
+pub const PRUNE: &str = "with clock as materialized (
+    select coalesce($5::timestamptz, now()) as now
+),
+doomed as (
+    select j.id from faultline_jobs j
+    where j.finished_at is not null
+      and j.finished_at < (select now from clock)
+          - least($1::int8, $2::int8, $3::int8) * interval '1 millisecond'
+      and j.finished_at < (select now from clock) - (case j.state
+              when 'succeeded' then $1::int8
+              when 'failed' then $2::int8
+              else $3::int8 end) * interval '1 millisecond'
+    order by j.finished_at, j.id
+    limit $4
+    for update skip locked
+)
+delete from faultline_jobs j using doomed d where j.id = d.id";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: [&str; 20] = [
+        ENQUEUE_ONE,
+        ENQUEUE_MANY_PLAIN,
+        ENQUEUE_MANY_KEYED,
+        JOB_BY_KEY,
+        IDS_BY_KEYS,
+        CLAIM_ONE_QUEUE,
+        CLAIM_MANY_QUEUES,
+        HEARTBEAT_MANY,
+        COMPLETE_MANY,
+        COMPLETE_ONE,
+        FAIL,
+        SNOOZE,
+        CANCEL,
+        REDRIVE,
+        STATE_OF,
+        RESCUE_EXPIRED,
+        GET,
+        LIST,
+        QUEUE_STATS,
+        PRUNE,
+    ];
+
+    #[test]
+    fn statements_are_lowercase_and_notify_the_documented_channel() {
+        for statement in ALL {
+            // The one quoted identifier: the "C" collation.
+            let text = statement.replace("collate \"C\"", "");
+            assert_eq!(text, text.to_lowercase(), "{statement}");
+            if statement.contains("pg_notify") {
+                assert!(
+                    statement.contains("pg_notify('faultline_jobs',"),
+                    "{statement}"
+                );
+                assert_eq!(crate::NOTIFY_CHANNEL, "faultline_jobs");
+            }
+        }
+    }
+
+    #[test]
+    fn job_columns_are_prefixed_one_by_one() {
+        let columns: Vec<&str> = job_columns!("j.").split(", ").collect();
+        assert_eq!(columns.len(), 23);
+        assert!(
+            columns
+                .iter()
+                .all(|c| c.starts_with("j.") && !c[2..].contains('.'))
+        );
+        assert_eq!(columns[0], "j.id");
+        assert_eq!(columns[22], "j.finished_at");
+    }
+}
