@@ -1,21 +1,15 @@
 //! Sweeping test databases left behind (by failed tests, killed runs) and stale templates.
 //!
-//! The names and the lock key are those of the harness in `faultline-tests` (`TestDb`); a test
-//! below checks that both agree. Concurrent test runs against the same server are respected:
+//! The names and the lock key are the harness's (`faultline-tests`). Concurrent test runs against the same server are respected:
 //! databases in use or younger than [`MIN_AGE_SECS`] are kept, the current template is kept, and
 //! templates are dropped under the harness's advisory lock.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use faultline_tests::{DATABASE_PREFIX, TEMPLATE_LOCK_KEY, TEMPLATE_PREFIX, template_name};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
-/// Prefix of test databases: `faultline_t_<unix secs>_<pid>_<counter>`.
-const DATABASE_PREFIX: &str = "faultline_t_";
-/// Prefix of template databases: `faultline_tpl_<migrations checksum>`.
-const TEMPLATE_PREFIX: &str = "faultline_tpl_";
-/// The harness's advisory lock for building and dropping templates.
-const TEMPLATE_LOCK_KEY: i64 = 0x6661_756c_746c_6e01;
 /// Test databases younger than this may be still between creation and first connection.
 const MIN_AGE_SECS: u64 = 300;
 
@@ -93,33 +87,9 @@ pub(crate) async fn sweep(url: &str) -> anyhow::Result<Swept> {
     Ok(swept)
 }
 
-/// The harness's template name for the current migrations (see `faultline_tests::template_name`).
-fn template_name() -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut feed = |bytes: &[u8]| {
-        for byte in bytes {
-            hash ^= u64::from(*byte);
-            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    };
-    for migration in faultline_postgres::MIGRATOR.iter() {
-        feed(&migration.version.to_le_bytes());
-        feed(&migration.checksum);
-    }
-    format!("{TEMPLATE_PREFIX}{hash:016x}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn naming_agrees_with_the_harness() {
-        assert_eq!(DATABASE_PREFIX, faultline_tests::DATABASE_PREFIX);
-        assert_eq!(TEMPLATE_PREFIX, faultline_tests::TEMPLATE_PREFIX);
-        assert_eq!(TEMPLATE_LOCK_KEY, faultline_tests::TEMPLATE_LOCK_KEY);
-        assert_eq!(template_name(), faultline_tests::template_name());
-    }
 
     async fn exists(admin: &mut PgConnection, name: &str) -> bool {
         sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
