@@ -26,7 +26,8 @@ pub(crate) fn run(extra: &[String]) -> anyhow::Result<ExitCode> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut command = Command::new(&cargo);
     if has_nextest(&cargo) {
-        command.args(["nextest", "run"]);
+        let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../.cargo/nextest.toml");
+        command.args(["nextest", "run", "--config-file", config]);
     } else {
         eprintln!(
             "xtask: cargo-nextest is not installed (`cargo install cargo-nextest`); \

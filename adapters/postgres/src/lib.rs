@@ -6,6 +6,7 @@
 //! [`NOTIFY_CHANNEL`]. All SQL of the workspace lives in this crate.
 
 pub mod cluster;
+pub mod listen;
 mod migrate;
 mod row;
 #[doc(hidden)]

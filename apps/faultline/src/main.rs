@@ -1,5 +1,13 @@
-//! `faultline`: the command line of the Faultline job system (`migrate`; `worker`, `api` and `dev`
-//! arrive with their issues).
+//! `faultline`: the command line of the Faultline job system: `migrate`, `worker` and `dev` (the
+//! HTTP API's `api` arrives with its issue).
+
+mod database;
+mod dev;
+mod handlers;
+mod logging;
+mod options;
+mod shutdown;
+mod worker;
 
 use std::process::ExitCode;
 
@@ -9,12 +17,17 @@ use faultline_postgres::{MIGRATIONS_TABLE, MIGRATOR};
 use sqlx::migrate::Migrate;
 use sqlx::postgres::PgPoolOptions;
 
+use crate::options::{DatabaseArgs, LogArgs};
+
 /// Faultline: durable background jobs on PostgreSQL.
 #[derive(Debug, Parser)]
 #[command(name = "faultline", version, propagate_version = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 /// One variant per subcommand; each has its own `Args` struct and `run` function.
@@ -22,14 +35,11 @@ struct Cli {
 enum Command {
     /// Apply pending schema migrations to the database and print what was applied.
     Migrate(MigrateArgs),
-}
-
-/// Where the database is; shared by every subcommand that needs one.
-#[derive(Debug, Args)]
-struct DatabaseArgs {
-    /// PostgreSQL connection URL, e.g. postgres://user@localhost:5432/faultline.
-    #[arg(long, env = "DATABASE_URL", value_name = "URL", hide_env_values = true)]
-    database_url: String,
+    /// Run jobs: claim them from the database and run their handlers until SIGTERM/SIGINT.
+    Worker(worker::WorkerCommand),
+    /// The quick start: a database (DATABASE_URL, else a private PostgreSQL), its schema, and a
+    /// worker with the demo handlers, in one process. Ctrl-C stops everything.
+    Dev(dev::DevCommand),
 }
 
 #[derive(Debug, Args)]
@@ -40,8 +50,14 @@ struct MigrateArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(error) = logging::init(&cli.log) {
+        eprintln!("faultline: error: {error:#}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Migrate(args) => run_async(migrate(args)),
+        Command::Worker(args) => run_async(worker::run(args)),
+        Command::Dev(args) => run_async(dev::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -69,27 +85,36 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
         .connect(url)
         .await
         .context("connect to the database (--database-url / DATABASE_URL)")?;
-    let before = applied_versions(&pool).await?;
-    faultline_postgres::migrate(&pool)
+    let applied = apply_migrations(&pool).await?;
+    pool.close().await;
+    report_migrations(&applied);
+    Ok(())
+}
+
+/// Applies pending migrations; returns those applied now, as (version, description).
+async fn apply_migrations(pool: &sqlx::PgPool) -> anyhow::Result<Vec<(i64, String)>> {
+    let before = applied_versions(pool).await?;
+    faultline_postgres::migrate(pool)
         .await
         .context("apply migrations")?;
-    let after = applied_versions(&pool).await?;
-    pool.close().await;
+    let after = applied_versions(pool).await?;
+    Ok(MIGRATOR
+        .iter()
+        .filter(|m| after.contains(&m.version) && !before.contains(&m.version))
+        .map(|m| (m.version, m.description.to_string()))
+        .collect())
+}
 
-    let mut applied = 0;
-    for migration in MIGRATOR.iter() {
-        if after.contains(&migration.version) && !before.contains(&migration.version) {
-            println!("applied {} {}", migration.version, migration.description);
-            applied += 1;
-        }
+fn report_migrations(applied: &[(i64, String)]) {
+    for (version, description) in applied {
+        println!("applied {version} {description}");
     }
-    if applied == 0 {
+    if applied.is_empty() {
         println!(
             "database is up to date ({} migrations)",
             MIGRATOR.iter().count()
         );
     }
-    Ok(())
 }
 
 async fn applied_versions(pool: &sqlx::PgPool) -> anyhow::Result<Vec<i64>> {
@@ -100,11 +125,4 @@ async fn applied_versions(pool: &sqlx::PgPool) -> anyhow::Result<Vec<i64>> {
 }
 
 #[cfg(test)]
-mod tests {
-    use clap::CommandFactory;
-
-    #[test]
-    fn cli_is_well_formed() {
-        super::Cli::command().debug_assert();
-    }
-}
+mod tests;

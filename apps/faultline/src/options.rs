@@ -1,0 +1,324 @@
+//! Command-line and environment options shared by `faultline worker` and `faultline dev`, and
+//! their mapping onto the worker's typed configuration. Configuration is read here only.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use faultline_worker::WorkerConfig;
+
+/// Where the database is, for the subcommands that require one.
+#[derive(Debug, Args)]
+pub(crate) struct DatabaseArgs {
+    /// PostgreSQL connection URL, e.g. postgres://user@localhost:5432/faultline.
+    #[arg(long, env = "DATABASE_URL", value_name = "URL", hide_env_values = true)]
+    pub(crate) database_url: String,
+}
+
+/// How the worker runs: one flag per field of `WorkerConfig`. Defaults are `WorkerConfig`'s (a
+/// test keeps them equal).
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Worker")]
+pub(crate) struct WorkerArgs {
+    /// Recorded as the lease owner of every job this worker claims [default: <hostname>-<pid>].
+    #[arg(long, env = "FAULTLINE_WORKER_ID", value_name = "ID")]
+    pub(crate) worker_id: Option<String>,
+
+    /// Queues to claim jobs from, comma-separated.
+    #[arg(
+        long,
+        env = "FAULTLINE_QUEUES",
+        value_name = "QUEUE,..",
+        value_delimiter = ',',
+        default_value = "default"
+    )]
+    pub(crate) queues: Vec<String>,
+
+    /// At most this many jobs run at once.
+    #[arg(
+        long,
+        env = "FAULTLINE_CONCURRENCY",
+        value_name = "N",
+        default_value_t = 10
+    )]
+    pub(crate) concurrency: usize,
+
+    /// Lease length of a claim and of every heartbeat extension.
+    #[arg(long, env = "FAULTLINE_LEASE", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub(crate) lease: Duration,
+
+    /// How often the leases of running jobs are extended [default: a third of the lease].
+    #[arg(long, env = "FAULTLINE_HEARTBEAT_INTERVAL", value_name = "DURATION", value_parser = parse_duration)]
+    pub(crate) heartbeat_interval: Option<Duration>,
+
+    /// With free slots, claim at least this often even without a wake-up (scheduled jobs, retries).
+    #[arg(long, env = "FAULTLINE_POLL_INTERVAL", value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub(crate) poll_interval: Duration,
+
+    /// On SIGTERM/SIGINT, how long running jobs may finish before their leases are given back.
+    #[arg(long, env = "FAULTLINE_SHUTDOWN_GRACE", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub(crate) shutdown_grace: Duration,
+
+    /// At most this many completions are written in one statement.
+    #[arg(
+        long,
+        env = "FAULTLINE_COMPLETION_BATCH_SIZE",
+        value_name = "N",
+        default_value_t = 100
+    )]
+    pub(crate) completion_batch_size: usize,
+
+    /// First pause after a failed database call; doubles per failure up to --db-backoff-max.
+    #[arg(long, env = "FAULTLINE_DB_BACKOFF_MIN", value_name = "DURATION", default_value = "100ms", value_parser = parse_duration)]
+    pub(crate) db_backoff_min: Duration,
+
+    /// Longest pause between retries of failed database calls (and of the startup connection).
+    #[arg(long, env = "FAULTLINE_DB_BACKOFF_MAX", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub(crate) db_backoff_max: Duration,
+
+    /// A database call that takes longer than this counts as failed.
+    #[arg(long, env = "FAULTLINE_STORE_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub(crate) store_timeout: Duration,
+
+    /// How often expired leases (of any worker) are rescued; "off" disables the rescuer.
+    #[arg(long, env = "FAULTLINE_RESCUE_INTERVAL", value_name = "DURATION|off", default_value = "15s", value_parser = parse_interval)]
+    pub(crate) rescue_interval: Interval,
+
+    /// Expired leases rescued per statement.
+    #[arg(
+        long,
+        env = "FAULTLINE_RESCUE_BATCH_SIZE",
+        value_name = "N",
+        default_value_t = 1_000
+    )]
+    pub(crate) rescue_batch_size: u32,
+
+    /// How often finished jobs past their retention are deleted; "off" disables the pruner.
+    #[arg(long, env = "FAULTLINE_PRUNE_INTERVAL", value_name = "DURATION|off", default_value = "60s", value_parser = parse_interval)]
+    pub(crate) prune_interval: Interval,
+
+    /// How long succeeded jobs are kept.
+    #[arg(long, env = "FAULTLINE_RETAIN_SUCCEEDED", value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    pub(crate) retain_succeeded: Duration,
+
+    /// How long failed jobs are kept.
+    #[arg(long, env = "FAULTLINE_RETAIN_FAILED", value_name = "DURATION", default_value = "7d", value_parser = parse_duration)]
+    pub(crate) retain_failed: Duration,
+
+    /// How long cancelled jobs are kept.
+    #[arg(long, env = "FAULTLINE_RETAIN_CANCELLED", value_name = "DURATION", default_value = "7d", value_parser = parse_duration)]
+    pub(crate) retain_cancelled: Duration,
+
+    /// Finished jobs deleted per statement.
+    #[arg(
+        long,
+        env = "FAULTLINE_PRUNE_BATCH_SIZE",
+        value_name = "N",
+        default_value_t = 1_000
+    )]
+    pub(crate) prune_batch_size: u32,
+
+    /// Database connections of the worker's pool (the wake-up listener has one more of its own)
+    /// [default: concurrency / 4 + 4, at most 32].
+    #[arg(long, env = "FAULTLINE_POOL_SIZE", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) pool_size: Option<u32>,
+}
+
+impl WorkerArgs {
+    /// The worker's configuration (checked by the worker when it is built).
+    pub(crate) fn config(&self) -> WorkerConfig {
+        let defaults = WorkerConfig::default();
+        WorkerConfig {
+            worker_id: self.worker_id.clone().unwrap_or(defaults.worker_id),
+            queues: self.queues.clone(),
+            concurrency: self.concurrency,
+            lease: self.lease,
+            heartbeat_interval: self.heartbeat_interval,
+            poll_interval: self.poll_interval,
+            shutdown_grace: self.shutdown_grace,
+            completion_batch_size: self.completion_batch_size,
+            db_backoff_min: self.db_backoff_min,
+            db_backoff_max: self.db_backoff_max,
+            store_timeout: self.store_timeout,
+            rescue_interval: self.rescue_interval.0,
+            rescue_batch_size: self.rescue_batch_size,
+            prune_interval: self.prune_interval.0,
+            retain_succeeded: self.retain_succeeded,
+            retain_failed: self.retain_failed,
+            retain_cancelled: self.retain_cancelled,
+            prune_batch_size: self.prune_batch_size,
+        }
+    }
+
+    /// The pool size: the flag, else enough for claims, heartbeats, writes and maintenance.
+    pub(crate) fn pool_size(&self) -> u32 {
+        self.pool_size.unwrap_or_else(|| {
+            let derived = self.concurrency / 4 + 4;
+            u32::try_from(derived.min(32)).unwrap_or(32)
+        })
+    }
+}
+
+/// The built-in `http` handler's configuration.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "HTTP handler")]
+pub(crate) struct HttpArgs {
+    /// Run jobs of KIND by POSTing their payload as JSON to URL (repeatable; in the environment,
+    /// comma-separated). Only this configuration chooses URLs, never a job's payload.
+    #[arg(
+        long = "http-endpoint",
+        env = "FAULTLINE_HTTP_ENDPOINTS",
+        value_name = "KIND=URL",
+        value_delimiter = ',',
+        value_parser = parse_endpoint
+    )]
+    pub(crate) endpoints: Vec<Endpoint>,
+
+    /// Time limit of one HTTP request, from connecting to reading the response.
+    #[arg(long, env = "FAULTLINE_HTTP_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub(crate) http_timeout: Duration,
+}
+
+/// Logging, for every subcommand.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Logging")]
+pub(crate) struct LogArgs {
+    /// Log line format: human-readable text or one JSON object per line.
+    #[arg(long, env = "FAULTLINE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub(crate) log_format: LogFormat,
+
+    /// Which log lines to print: a level (error, warn, info, debug, trace), optionally with
+    /// per-target levels, e.g. "info,sqlx=warn".
+    #[arg(
+        long,
+        env = "FAULTLINE_LOG",
+        value_name = "FILTER",
+        default_value = "info,sqlx=warn",
+        global = true
+    )]
+    pub(crate) log: String,
+}
+
+/// The log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// One `--http-endpoint`: jobs of `kind` are POSTed to `url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Endpoint {
+    pub(crate) kind: String,
+    pub(crate) url: reqwest::Url,
+}
+
+/// An interval that can be turned off (`None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Interval(pub(crate) Option<Duration>);
+
+/// Parses `KIND=URL`, with an http or https URL.
+pub(crate) fn parse_endpoint(text: &str) -> anyhow::Result<Endpoint> {
+    let Some((kind, url)) = text.split_once('=') else {
+        bail!("expected KIND=URL, e.g. send-email=http://mailer.internal/send");
+    };
+    let kind = kind.trim();
+    if kind.is_empty() {
+        bail!("the kind before '=' is empty");
+    }
+    let url = reqwest::Url::parse(url.trim()).with_context(|| format!("bad URL {url:?}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        bail!("the URL must be http or https, not {}", url.scheme());
+    }
+    Ok(Endpoint {
+        kind: kind.to_owned(),
+        url,
+    })
+}
+
+/// Parses a duration with a unit: `250ms`, `30s`, `5m`, `24h`, `7d` (whole numbers).
+pub(crate) fn parse_duration(text: &str) -> anyhow::Result<Duration> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .with_context(|| format!("{text:?} has no unit (use ms, s, m, h or d, e.g. 30s)"))?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .with_context(|| format!("{text:?} does not start with a whole number"))?;
+    let ms_per_unit: u64 = match unit.trim() {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" | "min" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        other => bail!("unknown unit {other:?} in {text:?} (use ms, s, m, h or d)"),
+    };
+    let ms = n
+        .checked_mul(ms_per_unit)
+        .with_context(|| format!("{text:?} is too long"))?;
+    Ok(Duration::from_millis(ms))
+}
+
+/// Parses a duration or `off`.
+pub(crate) fn parse_interval(text: &str) -> anyhow::Result<Interval> {
+    if text.trim().eq_ignore_ascii_case("off") {
+        return Ok(Interval(None));
+    }
+    parse_duration(text).map(|d| Interval(Some(d)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_need_a_unit() {
+        let ok = [
+            ("250ms", 250),
+            ("30s", 30_000),
+            ("5m", 300_000),
+            ("5min", 300_000),
+            ("24h", 86_400_000),
+            ("7d", 604_800_000),
+            (" 0s ", 0),
+        ];
+        for (text, ms) in ok {
+            assert_eq!(
+                parse_duration(text).unwrap(),
+                Duration::from_millis(ms),
+                "{text}"
+            );
+        }
+        for bad in ["30", "s", "1.5s", "-1s", "3w", "", "99999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert_eq!(parse_interval("off").unwrap(), Interval(None));
+        assert_eq!(
+            parse_interval("2s").unwrap(),
+            Interval(Some(Duration::from_secs(2)))
+        );
+    }
+
+    #[test]
+    fn endpoints_are_kind_equals_http_url() {
+        let endpoint = parse_endpoint("send-email=https://mailer.internal/send?x=1").unwrap();
+        assert_eq!(endpoint.kind, "send-email");
+        assert_eq!(
+            endpoint.url.as_str(),
+            "https://mailer.internal/send?x=1",
+            "only the first '=' separates"
+        );
+        for bad in [
+            "no-equals",
+            "=http://x/",
+            "k=not a url",
+            "k=ftp://x/",
+            "k=file:///etc/passwd",
+        ] {
+            assert!(parse_endpoint(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! `faultline worker`: connects (waiting for the database while it is unreachable), checks the
+//! schema, starts the `LISTEN` wake-ups and runs the worker runtime with the built-in handlers
+//! until SIGTERM/SIGINT, then shuts down gracefully and exits 0.
+
+use std::sync::Arc;
+
+use clap::Args;
+use faultline_ports::SystemClock;
+use faultline_postgres::PgStore;
+use faultline_postgres::listen::{ListenOptions, spawn_listener};
+use faultline_worker::{Registry, Worker, WorkerConfig};
+use sqlx::PgPool;
+use sqlx::postgres::PgConnectOptions;
+use tokio_util::sync::CancellationToken;
+
+use crate::options::{DatabaseArgs, HttpArgs, WorkerArgs};
+use crate::{database, handlers, shutdown};
+
+/// `faultline worker` options.
+#[derive(Debug, Args)]
+pub(crate) struct WorkerCommand {
+    #[command(flatten)]
+    pub(crate) database: DatabaseArgs,
+
+    #[command(flatten)]
+    pub(crate) worker: WorkerArgs,
+
+    #[command(flatten)]
+    pub(crate) http: HttpArgs,
+
+    /// Also run the demo kinds: noop, sleep ({"ms": N}), fail ({"times": N}) and crash (aborts
+    /// the worker process: for failure drills only).
+    #[arg(long, env = "FAULTLINE_DEMO_HANDLERS", help_heading = "Handlers")]
+    pub(crate) demo_handlers: bool,
+
+    /// Print the configuration as resolved from flags, environment and defaults, and exit
+    /// without connecting.
+    #[arg(long)]
+    pub(crate) print_config: bool,
+}
+
+/// Runs `faultline worker`.
+pub(crate) async fn run(args: WorkerCommand) -> anyhow::Result<()> {
+    let shutdown = shutdown::on_signals()?;
+    let registry = handlers::registry(&args.http, args.demo_handlers)?;
+    let config = args.worker.config();
+    config.validate()?;
+    if args.print_config {
+        print_config(&args, &config);
+        return Ok(());
+    }
+    let connect = database::connect_options(&args.database.database_url)?;
+    let backoff = (config.db_backoff_min, config.db_backoff_max);
+    let Some(pool) =
+        database::connect(&connect, args.worker.pool_size(), backoff, &shutdown).await?
+    else {
+        tracing::info!("stopped before the database was reachable");
+        return Ok(());
+    };
+    serve(pool, connect, registry, config, shutdown).await
+}
+
+/// `--print-config`: one `name = value` line per setting.
+fn print_config(args: &WorkerCommand, config: &WorkerConfig) {
+    let off = |interval: Option<std::time::Duration>| {
+        interval.map_or_else(|| "off".to_owned(), |d| format!("{d:?}"))
+    };
+    let endpoints: Vec<String> = args
+        .http
+        .endpoints
+        .iter()
+        .map(|e| format!("{}={}", e.kind, handlers::http::redacted(&e.url)))
+        .collect();
+    let lines = [
+        ("worker_id", config.worker_id.clone()),
+        ("queues", config.queues.join(",")),
+        ("concurrency", config.concurrency.to_string()),
+        ("lease", format!("{:?}", config.lease)),
+        (
+            "heartbeat_interval",
+            format!("{:?}", config.heartbeat_every()),
+        ),
+        ("poll_interval", format!("{:?}", config.poll_interval)),
+        ("shutdown_grace", format!("{:?}", config.shutdown_grace)),
+        (
+            "completion_batch_size",
+            config.completion_batch_size.to_string(),
+        ),
+        ("db_backoff_min", format!("{:?}", config.db_backoff_min)),
+        ("db_backoff_max", format!("{:?}", config.db_backoff_max)),
+        ("store_timeout", format!("{:?}", config.store_timeout)),
+        ("rescue_interval", off(config.rescue_interval)),
+        ("rescue_batch_size", config.rescue_batch_size.to_string()),
+        ("prune_interval", off(config.prune_interval)),
+        ("retain_succeeded", format!("{:?}", config.retain_succeeded)),
+        ("retain_failed", format!("{:?}", config.retain_failed)),
+        ("retain_cancelled", format!("{:?}", config.retain_cancelled)),
+        ("prune_batch_size", config.prune_batch_size.to_string()),
+        ("pool_size", args.worker.pool_size().to_string()),
+        ("demo_handlers", args.demo_handlers.to_string()),
+        ("http_endpoints", endpoints.join(",")),
+        ("http_timeout", format!("{:?}", args.http.http_timeout)),
+    ];
+    for (name, value) in lines {
+        println!("{name} = {value}");
+    }
+}
+
+/// Runs a worker on `pool` until `shutdown` fires, with wake-ups from a `LISTEN` connection made
+/// from `connect`; then shuts down gracefully and closes the pool.
+pub(crate) async fn serve(
+    pool: PgPool,
+    connect: PgConnectOptions,
+    registry: Registry,
+    config: WorkerConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let store = Arc::new(PgStore::new(pool.clone()));
+    let mut worker = Worker::new(store, SystemClock, registry, config)?;
+    // The listener outlives the worker's loop (the shutdown's grace period claims nothing).
+    let stop_listening = CancellationToken::new();
+    let listen = ListenOptions::default().queues(worker.config().queues.clone());
+    let wakeups = spawn_listener(connect, listen, stop_listening.clone());
+    worker = worker.with_wakeup(wakeups);
+
+    let report = worker.run(shutdown).await;
+    stop_listening.cancel();
+    pool.close().await;
+    tracing::info!(
+        interrupted = report.interrupted,
+        released = report.counts.released,
+        "worker stopped"
+    );
+    Ok(())
+}

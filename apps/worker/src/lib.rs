@@ -1,0 +1,49 @@
+//! Faultline's worker runtime: runs handlers for leased jobs, keeps their leases alive, and
+//! survives crashes, outages and shutdowns without losing or double-writing work.
+//!
+//! Generic over the ports (`JobStore`, `Clock`): the binary wires it to Postgres, tests to the
+//! in-memory store, a mock or Postgres.
+//!
+//! * [`Handler`], [`JobContext`], [`Outcome`], [`Registry`]: what job code looks like.
+//! * [`Worker`]: the runtime. [`Worker::run`] for production; step methods
+//!   ([`Worker::run_once`], [`Worker::heartbeat_once`], ...) for tests.
+//! * [`WorkerConfig`]: every knob, with production defaults.
+//! * [`WorkerStats`]: counters and gauges for metrics and tests.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use faultline_ports::{JobStore, SystemClock};
+//! use faultline_worker::{Handler, JobContext, Outcome, Registry, Worker, WorkerConfig};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! struct Email;
+//!
+//! #[async_trait::async_trait]
+//! impl Handler for Email {
+//!     async fn run(&self, ctx: JobContext) -> Outcome {
+//!         // send ctx.payload, using format!("{}:{}", ctx.id, ctx.fencing_token) as the
+//!         // provider's idempotency key
+//!         Outcome::Complete(None)
+//!     }
+//! }
+//!
+//! async fn serve<S: JobStore>(store: Arc<S>, shutdown: CancellationToken) {
+//!     let mut registry = Registry::new();
+//!     registry.register("email", Email);
+//!     let mut worker = Worker::new(store, SystemClock, registry, WorkerConfig::default())
+//!         .expect("valid configuration");
+//!     worker.run(shutdown).await;
+//! }
+//! ```
+
+mod backoff;
+mod config;
+mod handler;
+mod run;
+mod stats;
+mod worker;
+
+pub use config::{ConfigError, WorkerConfig};
+pub use handler::{Handler, JobContext, Outcome, Registry};
+pub use stats::{Counters, StatsSnapshot, WorkerStats};
+pub use worker::{HeartbeatReport, ShutdownReport, StepReport, Worker};

@@ -1,0 +1,220 @@
+//! The production loop of [`Worker`]: one task that claims when woken or when the poll interval
+//! passes, collects finished jobs, writes outcomes, heartbeats, and runs the maintenance
+//! (rescuer, pruner), backing off from a failing store instead of ever exiting on its errors.
+//!
+//! The loop sleeps until the earliest of its deadlines (poll, heartbeat, write retry,
+//! maintenance) or until a job finishes or a wake-up arrives: no busy loop when idle, and no
+//! claim while every slot is busy.
+
+use tokio::time::{Duration, Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+
+use faultline_ports::{Clock, JobStore};
+
+use crate::backoff::Backoff;
+use crate::worker::{ShutdownReport, Worker};
+
+/// When the loop ends.
+#[derive(Clone, Copy)]
+enum Until<'a> {
+    /// Production: until the token fires (claiming all along).
+    Stopped(&'a CancellationToken),
+    /// Shutdown: until no handler runs or the deadline passes (claiming nothing).
+    Drained(Instant),
+}
+
+/// Far enough to mean "no deadline" without overflowing `Instant` arithmetic.
+const FAR: Duration = Duration::from_secs(86_400 * 365);
+
+/// A recurring timer: `Some(next run)` when enabled.
+fn first_run(interval: Option<Duration>, at: Instant) -> Option<Instant> {
+    interval.map(|_| at)
+}
+
+impl<S: JobStore, C: Clock> Worker<S, C> {
+    /// Runs until `shutdown` fires, then shuts down gracefully with the configured
+    /// `shutdown_grace` (see [`Worker::shutdown`]) and returns. Never returns early on a store
+    /// error: failed calls are logged, counted and retried with backoff. The worker claims nothing
+    /// once this returns.
+    pub async fn run(&mut self, shutdown: CancellationToken) -> ShutdownReport {
+        tracing::info!(
+            worker_id = %self.config.worker_id,
+            queues = ?self.config.queues,
+            concurrency = self.config.concurrency,
+            kinds = ?self.registry.kinds(),
+            "worker started"
+        );
+        if !self.draining {
+            self.event_loop(Until::Stopped(&shutdown)).await;
+        }
+        let grace = self.config.shutdown_grace;
+        self.shutdown(grace).await
+    }
+
+    /// The shutdown's wait: heartbeats and writes go on, nothing is claimed.
+    pub(crate) async fn drain(&mut self, deadline: Instant) {
+        self.event_loop(Until::Drained(deadline)).await;
+    }
+
+    async fn event_loop(&mut self, until: Until<'_>) {
+        let claiming = matches!(until, Until::Stopped(_));
+        let config = self.config.clone();
+        let heartbeat_every = config.heartbeat_every();
+        let backoff = || Backoff::new(config.db_backoff_min, config.db_backoff_max);
+        let (mut claim_backoff, mut write_backoff, mut heartbeat_backoff) =
+            (backoff(), backoff(), backoff());
+
+        let start = Instant::now();
+        let mut next_heartbeat = start + heartbeat_every;
+        let mut next_poll = start;
+        // Claim at once on start, and again whenever the last claim filled every free slot (more
+        // jobs are probably waiting) or a wake-up arrived.
+        let mut claim_wanted = claiming;
+        let maintain =
+            |interval: Option<Duration>, at| first_run(interval.filter(|_| claiming), at);
+        let mut next_rescue = maintain(config.rescue_interval, start);
+        let mut next_prune = maintain(
+            config.prune_interval,
+            start + config.prune_interval.unwrap_or(FAR),
+        );
+        let mut wake = if claiming { self.wake.take() } else { None };
+
+        loop {
+            match until {
+                Until::Stopped(token) if token.is_cancelled() => break,
+                Until::Drained(deadline) if !self.has_tasks() || Instant::now() >= deadline => {
+                    break;
+                }
+                _ => {}
+            }
+            self.collect_finished();
+
+            let now = Instant::now();
+            if self.pending_writes() > 0 && write_backoff.is_ready(now) {
+                if self.write_pending().await {
+                    write_backoff.succeeded();
+                } else {
+                    write_backoff.failed(Instant::now());
+                }
+            }
+
+            let now = Instant::now();
+            if now >= next_heartbeat {
+                if self.live_leases() == 0 {
+                    next_heartbeat = now + heartbeat_every;
+                } else {
+                    match self.heartbeat_once().await {
+                        Ok(_) => {
+                            heartbeat_backoff.succeeded();
+                            next_heartbeat = Instant::now() + heartbeat_every;
+                        }
+                        Err(_) => {
+                            let pause = heartbeat_backoff.failed(now).min(heartbeat_every);
+                            next_heartbeat = now + pause;
+                        }
+                    }
+                }
+            }
+
+            if let (Some(at), Some(interval)) = (next_rescue, config.rescue_interval)
+                && Instant::now() >= at
+            {
+                // A failure is logged and counted by the call; the next interval retries.
+                let _ = self.rescue_once().await;
+                next_rescue = Some(Instant::now() + interval);
+            }
+            if let (Some(at), Some(interval)) = (next_prune, config.prune_interval)
+                && Instant::now() >= at
+            {
+                let _ = self.prune_once().await;
+                next_prune = Some(Instant::now() + interval);
+            }
+
+            let now = Instant::now();
+            let free = self.free_slots();
+            if claiming
+                && free > 0
+                && (claim_wanted || now >= next_poll)
+                && claim_backoff.is_ready(now)
+            {
+                let idle = self.live_leases() == 0;
+                match self.claim_once().await {
+                    Ok(claimed) => {
+                        claim_backoff.succeeded();
+                        claim_wanted = claimed == free;
+                        if idle && claimed > 0 {
+                            next_heartbeat = Instant::now() + heartbeat_every;
+                        }
+                    }
+                    Err(_) => {
+                        claim_backoff.failed(now);
+                        claim_wanted = true;
+                    }
+                }
+                next_poll = Instant::now() + config.poll_interval;
+            }
+
+            // Sleep until the earliest deadline, a finished job, a wake-up or the stop signal.
+            let now = Instant::now();
+            let mut wake_at = now + FAR;
+            if claiming && self.free_slots() > 0 {
+                let at = if claim_wanted {
+                    claim_backoff.ready_at().unwrap_or(now)
+                } else {
+                    next_poll.max(claim_backoff.ready_at().unwrap_or(next_poll))
+                };
+                wake_at = wake_at.min(at);
+            }
+            if self.live_leases() > 0 {
+                wake_at = wake_at.min(next_heartbeat);
+            }
+            if self.pending_writes() > 0 {
+                wake_at = wake_at.min(write_backoff.ready_at().unwrap_or(now));
+            }
+            for at in [next_rescue, next_prune].into_iter().flatten() {
+                wake_at = wake_at.min(at);
+            }
+            if let Until::Drained(deadline) = until {
+                wake_at = wake_at.min(deadline);
+            }
+            self.sync_gauges();
+
+            let listen = claiming && !claim_wanted && self.free_slots() > 0;
+            let stopped = async {
+                match until {
+                    Until::Stopped(token) => token.cancelled().await,
+                    Until::Drained(_) => std::future::pending().await,
+                }
+            };
+            let woken = async {
+                match wake.as_mut() {
+                    Some(rx) if listen => rx.changed().await.is_ok(),
+                    _ => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                () = stopped => {}
+                finished = self.next_finished(), if self.has_tasks() => {
+                    debug_assert!(finished);
+                }
+                open = woken => {
+                    if open {
+                        claim_wanted = true;
+                    } else {
+                        tracing::warn!(
+                            worker_id = %self.config.worker_id,
+                            "wake-up channel closed: relying on the poll interval"
+                        );
+                        wake = None;
+                    }
+                }
+                () = sleep_until(wake_at) => {}
+            }
+        }
+        if claiming {
+            self.wake = wake;
+        }
+        self.sync_gauges();
+    }
+}

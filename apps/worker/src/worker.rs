@@ -1,0 +1,960 @@
+//! [`Worker`]: claims jobs, runs each in its own task, keeps the leases alive and writes the
+//! outcomes. This file holds the state and the step API; `run.rs` holds the production loop.
+//!
+//! Every lease the worker holds is one entry of `held`, keyed by (job id, fencing token), from the
+//! claim until its outcome is written, dropped, or the lease is found lost. Writes wait in
+//! `completions` (batched) and `others` (failures and snoozes, one call each) until the store
+//! accepts or refuses them; a write whose lease ended (by the worker's clock) is dropped.
+
+use std::any::Any;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use faultline_domain::{Job, JobState, Limits};
+use faultline_ports::{
+    ClaimParams, Clock, Failure, HeartbeatOutcome, JobStore, LeaseRef, StoreError, StoreResult,
+    WriteOutcome,
+};
+use serde_json::Value;
+use tokio::sync::watch;
+use tokio::task::{self, JoinError, JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::config::{ConfigError, WorkerConfig, millis};
+use crate::stats::{Counter, Counters, WorkerStats};
+use crate::{JobContext, Outcome, Registry};
+
+/// What a finished job task hands back: the handler's outcome, or the timeout that stopped it.
+type Finished = Result<Outcome, Duration>;
+
+/// A step's account of what it did (see the step methods of [`Worker`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepReport {
+    /// Jobs claimed by this step.
+    pub claimed: usize,
+    /// What the step changed in the worker's counters.
+    pub counts: Counters,
+    /// Handlers still running after the step.
+    pub in_flight: usize,
+    /// Outcomes still waiting to be written after the step (the store was unreachable); a later
+    /// step retries them while their leases last.
+    pub pending_writes: usize,
+}
+
+/// What one [`Worker::heartbeat_once`] learnt.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HeartbeatReport {
+    /// Leases extended.
+    pub extended: usize,
+    /// Leases found lost: their handlers were cancelled and their results will not be written.
+    pub lost: usize,
+    /// Newly learnt cancel requests: those handlers' tokens fired.
+    pub cancel_requested: usize,
+}
+
+/// What a shutdown did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Handlers still running when the grace period ended: cancelled, their leases given back.
+    pub interrupted: usize,
+    /// What the shutdown changed in the counters (outcomes written during the grace period,
+    /// leases released, writes dropped, ...).
+    pub counts: Counters,
+}
+
+/// One lease the worker holds.
+#[derive(Debug)]
+struct Held {
+    kind: String,
+    attempt: i32,
+    /// The latest end of the lease the store reported (claim or heartbeat), by the store's clock.
+    lease_expires_at: DateTime<Utc>,
+    /// The handler's token.
+    cancel: CancellationToken,
+    /// The handler is still running (its task occupies a slot).
+    running: bool,
+    /// The lease is gone: the token fired, the outcome will not be written.
+    lost: bool,
+    /// A heartbeat reported a cancel request (and the token fired).
+    cancel_requested: bool,
+    /// A write of the outcome failed on a backend error: further tries are made only while the
+    /// lease lasts.
+    write_failed: bool,
+}
+
+/// A write other than a completion: one store call each.
+#[derive(Debug)]
+enum Write {
+    Fail(Failure),
+    Snooze {
+        delay_ms: i64,
+        /// A lease given back at shutdown (counted as `released`, not `snoozed`).
+        release: bool,
+    },
+}
+
+/// Emits a tracing event about one lease with the fields every job log line carries.
+macro_rules! job_event {
+    ($level:ident, $lease:expr, $held:expr, $($rest:tt)+) => {
+        tracing::$level!(
+            job_id = $lease.job_id,
+            kind = %$held.kind,
+            attempt = $held.attempt,
+            fencing_token = $lease.token,
+            $($rest)+
+        )
+    };
+}
+
+/// Faultline's worker: runs the handlers of a [`Registry`] for jobs claimed from a [`JobStore`].
+///
+/// Production calls [`Worker::run`]. Tests drive the same machinery step by step:
+/// [`Worker::claim_once`], [`Worker::settle`], [`Worker::run_once`], [`Worker::flush`],
+/// [`Worker::heartbeat_once`], [`Worker::rescue_once`], [`Worker::prune_once`] and
+/// [`Worker::shutdown`]; none of them sleeps except on the timers under test (per-job timeouts,
+/// the shutdown grace), so `tokio::time::pause` makes them instantaneous.
+///
+/// `C` is the worker's estimate of the store's clock. It only decides how long an unwritten
+/// outcome is worth retrying (until its lease ends) and when an unconfirmed lease counts as lost;
+/// lease and due times themselves are always computed by the store.
+pub struct Worker<S: JobStore, C: Clock> {
+    pub(crate) store: Arc<S>,
+    pub(crate) clock: C,
+    pub(crate) registry: Registry,
+    pub(crate) config: WorkerConfig,
+    pub(crate) wake: Option<watch::Receiver<u64>>,
+    pub(crate) stats: WorkerStats,
+    held: HashMap<LeaseRef, Held>,
+    tasks: JoinSet<Finished>,
+    task_leases: HashMap<task::Id, LeaseRef>,
+    completions: Vec<(LeaseRef, Option<Value>)>,
+    others: VecDeque<(LeaseRef, Write)>,
+    /// Set by a shutdown: the worker claims nothing more.
+    pub(crate) draining: bool,
+}
+
+impl<S: JobStore, C: Clock> std::fmt::Debug for Worker<S, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("worker_id", &self.config.worker_id)
+            .field("registry", &self.registry)
+            .field("in_flight", &self.tasks.len())
+            .field("leases_held", &self.held.len())
+            .field("pending_writes", &self.pending_writes())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: JobStore, C: Clock> Worker<S, C> {
+    /// A worker for `store`, reading the store's time from `clock`, running the handlers of
+    /// `registry`. Refuses an invalid `config` and an empty registry (which would fail every job
+    /// it claims).
+    pub fn new(
+        store: Arc<S>,
+        clock: C,
+        registry: Registry,
+        config: WorkerConfig,
+    ) -> Result<Self, ConfigError> {
+        config.validate()?;
+        if registry.kinds().is_empty() {
+            return Err(ConfigError {
+                field: "registry",
+                reason: "has no handler: every job claimed would fail".into(),
+            });
+        }
+        Ok(Self {
+            store,
+            clock,
+            registry,
+            config,
+            wake: None,
+            stats: WorkerStats::default(),
+            held: HashMap::new(),
+            tasks: JoinSet::new(),
+            task_leases: HashMap::new(),
+            completions: Vec::new(),
+            others: VecDeque::new(),
+            draining: false,
+        })
+    }
+
+    /// Wakes [`Worker::run`] whenever `wake` changes (a counter bumped when jobs may have become
+    /// ready: Postgres `LISTEN`, `MemoryStore::on_enqueue`), on top of the fallback poll.
+    pub fn with_wakeup(mut self, wake: watch::Receiver<u64>) -> Self {
+        self.wake = Some(wake);
+        self
+    }
+
+    /// A handle on this worker's counters and gauges, readable while it runs.
+    pub fn stats(&self) -> WorkerStats {
+        self.stats.clone()
+    }
+
+    /// The configuration the worker runs with.
+    pub fn config(&self) -> &WorkerConfig {
+        &self.config
+    }
+
+    /// The store the worker runs on.
+    pub fn store(&self) -> &Arc<S> {
+        &self.store
+    }
+
+    /// Handlers running now.
+    pub fn in_flight(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// Leases held now (running handlers and outcomes not yet written).
+    pub fn leases_held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Outcomes waiting to be written.
+    pub fn pending_writes(&self) -> usize {
+        self.completions.len() + self.others.len()
+    }
+
+    /// Free slots: how many more handlers may start now.
+    pub fn free_slots(&self) -> usize {
+        self.config.concurrency.saturating_sub(self.tasks.len())
+    }
+
+    /// Leases a heartbeat would extend (held and not known to be lost).
+    pub(crate) fn live_leases(&self) -> usize {
+        self.held.values().filter(|held| !held.lost).count()
+    }
+
+    pub(crate) fn has_tasks(&self) -> bool {
+        !self.tasks.is_empty()
+    }
+
+    fn count(&self, counter: Counter, n: usize) {
+        self.stats.add(counter, n as u64);
+    }
+
+    pub(crate) fn sync_gauges(&self) {
+        self.stats
+            .set_gauges(self.tasks.len(), self.held.len(), self.pending_writes());
+    }
+
+    fn report(&self, claimed: usize, before: &Counters) -> StepReport {
+        self.sync_gauges();
+        StepReport {
+            claimed,
+            counts: self.stats.counters().since(before),
+            in_flight: self.tasks.len(),
+            pending_writes: self.pending_writes(),
+        }
+    }
+
+    /// Runs a store call with the configured timeout; a timeout is a backend error.
+    async fn call<T>(
+        &self,
+        what: &str,
+        fut: impl Future<Output = StoreResult<T>>,
+    ) -> StoreResult<T> {
+        let limit = self.config.store_timeout;
+        let result = match tokio::time::timeout(limit, fut).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Backend(
+                format!("{what} took longer than {limit:?}").into(),
+            )),
+        };
+        if let Err(err) = &result
+            && !matches!(err, StoreError::StaleLease { .. })
+        {
+            self.count(Counter::db_errors, 1);
+            tracing::warn!(worker_id = %self.config.worker_id, error = %err, "store call failed: {what}");
+        }
+        result
+    }
+
+    // ----- claiming and running -------------------------------------------------------------
+
+    /// Claims up to the free slots (nothing, without a store call, when every slot is busy or the
+    /// worker is shutting down) and starts a task per job. Returns how many jobs were claimed.
+    pub async fn claim_once(&mut self) -> StoreResult<usize> {
+        let free = self.free_slots();
+        if self.draining || free == 0 {
+            return Ok(0);
+        }
+        let params = ClaimParams {
+            queues: self.config.queues.clone(),
+            kinds: Vec::new(),
+            limit: u32::try_from(free).unwrap_or(u32::MAX),
+            lease_ms: self.config.lease_ms(),
+            worker_id: self.config.worker_id.clone(),
+        };
+        let jobs = self.call("claim", self.store.job_claim(&params)).await?;
+        let claimed = jobs.len();
+        self.count(Counter::claimed, claimed);
+        for job in jobs {
+            self.start(job);
+        }
+        self.sync_gauges();
+        Ok(claimed)
+    }
+
+    /// Starts the handler of a freshly claimed job in its own task (or queues the permanent
+    /// failure of a kind without handler).
+    fn start(&mut self, job: Job) {
+        let lease = LeaseRef::of(&job);
+        let cancel = CancellationToken::new();
+        let lease_expires_at = job.lease_expires_at.unwrap_or_else(|| self.clock.now());
+        let held = Held {
+            kind: job.kind.clone(),
+            attempt: job.attempts,
+            lease_expires_at,
+            cancel: cancel.clone(),
+            running: false,
+            lost: false,
+            cancel_requested: false,
+            write_failed: false,
+        };
+        let Some(handler) = self.registry.get(&job.kind) else {
+            job_event!(
+                warn,
+                lease,
+                held,
+                "no handler registered for this kind: failing the job permanently"
+            );
+            self.count(Counter::unknown_kind, 1);
+            let error = format!("no handler registered for kind {:?}", job.kind);
+            self.held.insert(lease, held);
+            self.others.push_back((lease, permanent(error)));
+            return;
+        };
+        let timeout = job
+            .timeout_ms
+            .map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0)))
+            .or_else(|| handler.timeout());
+        let span = tracing::info_span!(
+            "job",
+            job_id = job.id,
+            kind = %job.kind,
+            attempt = job.attempts,
+            fencing_token = job.fencing_token,
+        );
+        let ctx = JobContext {
+            id: job.id,
+            queue: job.queue,
+            kind: job.kind,
+            payload: job.payload,
+            attempt: job.attempts,
+            max_attempts: job.max_attempts,
+            fencing_token: job.fencing_token,
+            lease_expires_at,
+            cancel: cancel.clone(),
+        };
+        let task = async move {
+            match timeout {
+                None => Ok(handler.run(ctx).await),
+                Some(limit) => match tokio::time::timeout(limit, handler.run(ctx)).await {
+                    Ok(outcome) => Ok(outcome),
+                    Err(_) => {
+                        cancel.cancel();
+                        Err(limit)
+                    }
+                },
+            }
+        };
+        let abort = self.tasks.spawn(task.instrument(span));
+        self.task_leases.insert(abort.id(), lease);
+        job_event!(debug, lease, held, "job started");
+        self.held.insert(
+            lease,
+            Held {
+                running: true,
+                ..held
+            },
+        );
+    }
+
+    /// Records the end of a job task: its outcome becomes a pending write (unless the lease was
+    /// lost, in which case the outcome is discarded).
+    pub(crate) fn on_task_done(&mut self, joined: Result<(task::Id, Finished), JoinError>) {
+        let (id, finished) = match joined {
+            Ok((id, finished)) => (id, Ok(finished)),
+            Err(err) => (err.id(), Err(err)),
+        };
+        let Some(lease) = self.task_leases.remove(&id) else {
+            return;
+        };
+        let Some(held) = self.held.get_mut(&lease) else {
+            return;
+        };
+        held.running = false;
+        if held.lost {
+            job_event!(
+                info,
+                lease,
+                held,
+                "handler returned after its lease was lost: outcome discarded"
+            );
+            self.held.remove(&lease);
+            return;
+        }
+        let write = match finished {
+            Ok(Ok(outcome)) => outcome_write(outcome),
+            Ok(Err(limit)) => {
+                job_event!(warn, lease, held, timeout = ?limit, "handler timed out");
+                self.stats.add(Counter::timed_out, 1);
+                Err(retryable(format!("timed out after {limit:?}")))
+            }
+            Err(err) if err.is_panic() => {
+                let message = panic_message(err.into_panic());
+                job_event!(error, lease, held, panic = %message, "handler panicked");
+                self.stats.add(Counter::panicked, 1);
+                Err(retryable(format!("handler panicked: {message}")))
+            }
+            Err(_) => {
+                // Aborted: only a shutdown aborts tasks, and it gives their leases back itself.
+                Err(Write::Snooze {
+                    delay_ms: 0,
+                    release: true,
+                })
+            }
+        };
+        match write {
+            Ok(result) => self.completions.push((lease, result)),
+            Err(write) => self.others.push_back((lease, write)),
+        }
+    }
+
+    /// Collects every job task that has already finished, without waiting.
+    pub(crate) fn collect_finished(&mut self) {
+        while let Some(joined) = self.tasks.try_join_next_with_id() {
+            self.on_task_done(joined);
+        }
+    }
+
+    /// Waits for the next job task to finish and records it (`false`: none is running).
+    pub(crate) async fn next_finished(&mut self) -> bool {
+        match self.tasks.join_next_with_id().await {
+            Some(joined) => {
+                self.on_task_done(joined);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Waits until every running handler has returned (or timed out), then writes the outcomes
+    /// once (see [`Worker::flush`]). A handler that never returns (no timeout, token ignored)
+    /// keeps this waiting.
+    pub async fn settle(&mut self) -> StepReport {
+        let before = self.stats.counters();
+        while self.next_finished().await {}
+        self.write_pending().await;
+        self.report(0, &before)
+    }
+
+    /// One full step: claims up to the free slots, waits for every running handler (as
+    /// [`Worker::settle`]), writes the outcomes. Fails only when the claim fails (nothing else
+    /// happened then).
+    pub async fn run_once(&mut self) -> StoreResult<StepReport> {
+        let before = self.stats.counters();
+        let claimed = self.claim_once().await?;
+        while self.next_finished().await {}
+        self.write_pending().await;
+        Ok(self.report(claimed, &before))
+    }
+
+    // ----- writing outcomes -----------------------------------------------------------------
+
+    /// Tries every pending write once: completions in batches, failures and snoozes one by one.
+    /// Stops at the first backend error, keeping that write and the rest for the next flush.
+    /// A write is always tried once (the store's fencing decides whether it still applies); a
+    /// write that already failed is dropped instead of retried once its lease has ended by the
+    /// worker's clock (the rescuer retries those jobs).
+    pub async fn flush(&mut self) -> StepReport {
+        let before = self.stats.counters();
+        self.write_pending().await;
+        self.report(0, &before)
+    }
+
+    /// [`Worker::flush`]; returns `false` when a backend error left writes pending.
+    pub(crate) async fn write_pending(&mut self) -> bool {
+        self.drop_expired_writes();
+        let ok = self.write_completions().await && self.write_others().await;
+        self.sync_gauges();
+        ok
+    }
+
+    fn drop_expired_writes(&mut self) {
+        let now = self.clock.now();
+        let expired = |held: Option<&Held>| {
+            held.is_none_or(|held| held.write_failed && held.lease_expires_at <= now)
+        };
+        let mut dropped = Vec::new();
+        self.completions.retain(|(lease, _)| {
+            let keep = !expired(self.held.get(lease));
+            if !keep {
+                dropped.push(*lease);
+            }
+            keep
+        });
+        self.others.retain(|(lease, _)| {
+            let keep = !expired(self.held.get(lease));
+            if !keep {
+                dropped.push(*lease);
+            }
+            keep
+        });
+        for lease in dropped {
+            self.count(Counter::writes_dropped, 1);
+            if let Some(held) = self.held.remove(&lease) {
+                job_event!(
+                    warn,
+                    lease,
+                    held,
+                    "lease ended before the outcome could be written: dropped (the rescuer retries the job)"
+                );
+            }
+        }
+    }
+
+    async fn write_completions(&mut self) -> bool {
+        while !self.completions.is_empty() {
+            let n = self
+                .completions
+                .len()
+                .min(self.config.completion_batch_size);
+            let batch: Vec<(LeaseRef, Option<Value>)> = self.completions.drain(..n).collect();
+            let result = self
+                .call("complete", self.store.job_complete_many(&batch))
+                .await
+                .and_then(|outcomes| {
+                    if outcomes.len() == batch.len() {
+                        Ok(outcomes)
+                    } else {
+                        Err(StoreError::Backend(
+                            format!(
+                                "{} outcomes for {} completions",
+                                outcomes.len(),
+                                batch.len()
+                            )
+                            .into(),
+                        ))
+                    }
+                });
+            match result {
+                Ok(outcomes) => {
+                    for ((lease, _), outcome) in batch.iter().zip(outcomes) {
+                        match outcome {
+                            WriteOutcome::Accepted => self.resolved(*lease, Counter::completed),
+                            WriteOutcome::Stale => self.stale(*lease),
+                        }
+                    }
+                }
+                Err(StoreError::Backend(_)) => {
+                    for (lease, _) in &batch {
+                        self.write_failed(*lease);
+                    }
+                    let rest = std::mem::replace(&mut self.completions, batch);
+                    self.completions.extend(rest);
+                    return false;
+                }
+                Err(_) => {
+                    for (lease, _) in batch {
+                        self.refused(lease);
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    async fn write_others(&mut self) -> bool {
+        while let Some((lease, write)) = self.others.pop_front() {
+            let result = match &write {
+                Write::Fail(failure) => {
+                    self.call("fail", self.store.job_fail(lease, failure)).await
+                }
+                Write::Snooze { delay_ms, .. } => {
+                    self.call("snooze", self.store.job_snooze(lease, *delay_ms))
+                        .await
+                }
+            };
+            match result {
+                Ok(job) => {
+                    let counter = match (job.state, &write) {
+                        (JobState::Cancelled, _) => Counter::cancelled,
+                        (JobState::Failed, _) => Counter::failed,
+                        (_, Write::Fail(_)) => Counter::retried,
+                        (_, Write::Snooze { release: true, .. }) => Counter::released,
+                        (_, Write::Snooze { release: false, .. }) => Counter::snoozed,
+                    };
+                    self.resolved(lease, counter);
+                }
+                Err(StoreError::StaleLease { .. }) => self.stale(lease),
+                Err(StoreError::Backend(_)) => {
+                    self.write_failed(lease);
+                    self.others.push_front((lease, write));
+                    return false;
+                }
+                Err(_) => self.refused(lease),
+            }
+        }
+        true
+    }
+
+    fn write_failed(&mut self, lease: LeaseRef) {
+        if let Some(held) = self.held.get_mut(&lease) {
+            held.write_failed = true;
+        }
+    }
+
+    fn resolved(&mut self, lease: LeaseRef, counter: Counter) {
+        self.count(counter, 1);
+        if let Some(held) = self.held.remove(&lease) {
+            job_event!(debug, lease, held, outcome = ?counter, "outcome written");
+        }
+    }
+
+    fn stale(&mut self, lease: LeaseRef) {
+        self.count(Counter::stale_writes_rejected, 1);
+        if let Some(held) = self.held.remove(&lease) {
+            job_event!(
+                warn,
+                lease,
+                held,
+                "stale write rejected: the lease was no longer held"
+            );
+        }
+    }
+
+    fn refused(&mut self, lease: LeaseRef) {
+        self.count(Counter::writes_dropped, 1);
+        if let Some(held) = self.held.remove(&lease) {
+            job_event!(
+                error,
+                lease,
+                held,
+                "the store refused the outcome: dropped (the rescuer retries the job)"
+            );
+        }
+    }
+
+    // ----- heartbeats -----------------------------------------------------------------------
+
+    /// Extends every live lease with one store call. A lost lease fires its handler's token and
+    /// its outcome is never written; a cancel request fires the token (the handler's outcome is
+    /// still written; the store turns a failure into `cancelled`). When the store cannot be
+    /// reached, leases whose end has passed by the worker's clock are treated as lost.
+    pub async fn heartbeat_once(&mut self) -> StoreResult<HeartbeatReport> {
+        let leases: Vec<LeaseRef> = self
+            .held
+            .iter()
+            .filter(|(_, held)| !held.lost)
+            .map(|(lease, _)| *lease)
+            .collect();
+        let mut report = HeartbeatReport::default();
+        if leases.is_empty() {
+            return Ok(report);
+        }
+        let extend_ms = self.config.lease_ms();
+        let result = self
+            .call(
+                "heartbeat",
+                self.store.job_heartbeat_many(&leases, extend_ms),
+            )
+            .await;
+        let outcomes = match result {
+            Ok(outcomes) if outcomes.len() == leases.len() => outcomes,
+            Ok(outcomes) => {
+                self.expire_unconfirmed_leases();
+                return Err(StoreError::Backend(
+                    format!(
+                        "{} heartbeat outcomes for {} leases",
+                        outcomes.len(),
+                        leases.len()
+                    )
+                    .into(),
+                ));
+            }
+            Err(err) => {
+                self.expire_unconfirmed_leases();
+                return Err(err);
+            }
+        };
+        for (lease, outcome) in leases.into_iter().zip(outcomes) {
+            match outcome {
+                HeartbeatOutcome::Extended {
+                    lease_expires_at,
+                    cancel_requested,
+                } => {
+                    report.extended += 1;
+                    let Some(held) = self.held.get_mut(&lease) else {
+                        continue;
+                    };
+                    held.lease_expires_at = lease_expires_at;
+                    if cancel_requested && !held.cancel_requested {
+                        held.cancel_requested = true;
+                        held.cancel.cancel();
+                        report.cancel_requested += 1;
+                        job_event!(info, lease, held, "cancel requested: handler token fired");
+                        self.count(Counter::cancel_requests, 1);
+                    }
+                }
+                HeartbeatOutcome::Lost => {
+                    report.lost += 1;
+                    self.lose(lease, "a heartbeat found the lease lost");
+                }
+            }
+        }
+        self.sync_gauges();
+        Ok(report)
+    }
+
+    /// After a failed heartbeat: leases whose end has passed by the worker's clock may already be
+    /// rescued and running elsewhere, so their handlers are stopped.
+    fn expire_unconfirmed_leases(&mut self) {
+        let now = self.clock.now();
+        let ended: Vec<LeaseRef> = self
+            .held
+            .iter()
+            .filter(|(_, held)| held.running && !held.lost && held.lease_expires_at <= now)
+            .map(|(lease, _)| *lease)
+            .collect();
+        for lease in ended {
+            self.lose(lease, "the lease ended while the store was unreachable");
+        }
+        self.sync_gauges();
+    }
+
+    /// Marks a lease lost: fires the handler's token and makes sure its outcome is never written.
+    fn lose(&mut self, lease: LeaseRef, why: &str) {
+        let Some(held) = self.held.get_mut(&lease) else {
+            return;
+        };
+        held.lost = true;
+        held.cancel.cancel();
+        job_event!(
+            warn,
+            lease,
+            held,
+            reason = why,
+            "lease lost: handler cancelled, its outcome will not be written"
+        );
+        let running = held.running;
+        self.count(Counter::leases_lost, 1);
+        if !running {
+            self.held.remove(&lease);
+            self.completions.retain(|(pending, _)| *pending != lease);
+            self.others.retain(|(pending, _)| *pending != lease);
+        }
+    }
+
+    // ----- maintenance ----------------------------------------------------------------------
+
+    /// Rescues expired leases (of any worker) in batches of `rescue_batch_size` until fewer come
+    /// back. Returns how many were rescued (those of a failing call are not lost: the next run
+    /// picks them up).
+    pub async fn rescue_once(&mut self) -> StoreResult<u64> {
+        let limit = self.config.rescue_batch_size;
+        let mut total = 0;
+        loop {
+            let jobs = self
+                .call("rescue", self.store.job_rescue_expired(limit))
+                .await?;
+            for job in &jobs {
+                tracing::info!(
+                    job_id = job.id,
+                    kind = %job.kind,
+                    attempt = job.attempts,
+                    fencing_token = job.fencing_token,
+                    state = %job.state,
+                    "rescued an expired lease"
+                );
+            }
+            total += jobs.len() as u64;
+            self.stats.add(Counter::rescued, jobs.len() as u64);
+            if jobs.len() < limit as usize {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Deletes finished jobs past their retention in batches of `prune_batch_size` until fewer
+    /// come back. Returns how many were deleted.
+    pub async fn prune_once(&mut self) -> StoreResult<u64> {
+        let params = self.config.prune_params();
+        let mut total = 0;
+        loop {
+            let deleted = self.call("prune", self.store.job_prune(&params)).await?;
+            total += deleted;
+            self.stats.add(Counter::pruned, deleted);
+            if deleted < u64::from(params.limit) {
+                if total > 0 {
+                    tracing::info!(deleted = total, "pruned finished jobs past their retention");
+                }
+                return Ok(total);
+            }
+        }
+    }
+
+    // ----- shutdown -------------------------------------------------------------------------
+
+    /// Graceful shutdown: claims nothing more; lets running handlers finish for up to `grace`
+    /// (heartbeating and writing outcomes meanwhile); then cancels the rest and gives their
+    /// leases back at once (`job_snooze(lease, 0)`: queued, due now, attempt returned, so another
+    /// worker takes them without waiting for the lease to expire); finally writes what is
+    /// pending, retrying for at most `db_backoff_max` while the store is unreachable.
+    ///
+    /// A handler that ignores its token and never reaches an `.await` cannot be stopped; it is
+    /// detached, and its lease given back all the same.
+    pub async fn shutdown(&mut self, grace: Duration) -> ShutdownReport {
+        let before = self.stats.counters();
+        self.draining = true;
+        tracing::info!(
+            worker_id = %self.config.worker_id,
+            in_flight = self.tasks.len(),
+            ?grace,
+            "shutting down: waiting for running jobs"
+        );
+        self.drain(tokio::time::Instant::now() + grace).await;
+        let interrupted = self.interrupt_running();
+        self.final_flush().await;
+        tracing::info!(
+            worker_id = %self.config.worker_id,
+            interrupted,
+            "worker stopped"
+        );
+        ShutdownReport {
+            interrupted,
+            counts: self.stats.counters().since(&before),
+        }
+    }
+
+    /// Cancels the handlers still running, aborts their tasks and queues their release.
+    fn interrupt_running(&mut self) -> usize {
+        self.collect_finished();
+        let tasks = std::mem::take(&mut self.tasks);
+        drop(tasks); // aborts every task still running
+        self.task_leases.clear();
+        let running: Vec<LeaseRef> = self
+            .held
+            .iter()
+            .filter(|(_, held)| held.running)
+            .map(|(lease, _)| *lease)
+            .collect();
+        for lease in &running {
+            let Some(held) = self.held.get_mut(lease) else {
+                continue;
+            };
+            held.cancel.cancel();
+            held.running = false;
+            if held.lost {
+                self.held.remove(lease);
+                continue;
+            }
+            job_event!(
+                info,
+                lease,
+                held,
+                "grace period over: handler cancelled, giving the lease back"
+            );
+            self.others.push_back((
+                *lease,
+                Write::Snooze {
+                    delay_ms: 0,
+                    release: true,
+                },
+            ));
+        }
+        self.sync_gauges();
+        running.len()
+    }
+
+    /// Writes what is pending, retrying with backoff for at most `db_backoff_max`; drops the rest.
+    async fn final_flush(&mut self) {
+        let give_up_at = tokio::time::Instant::now() + self.config.db_backoff_max;
+        let mut backoff =
+            crate::backoff::Backoff::new(self.config.db_backoff_min, self.config.db_backoff_max);
+        while !self.write_pending().await {
+            let now = tokio::time::Instant::now();
+            let pause = backoff.failed(now);
+            if now + pause > give_up_at {
+                break;
+            }
+            tokio::time::sleep(pause).await;
+        }
+        let leftover: Vec<LeaseRef> = self
+            .completions
+            .drain(..)
+            .map(|(lease, _)| lease)
+            .chain(self.others.drain(..).map(|(lease, _)| lease))
+            .collect();
+        for lease in leftover {
+            self.count(Counter::writes_dropped, 1);
+            if let Some(held) = self.held.remove(&lease) {
+                job_event!(
+                    warn,
+                    lease,
+                    held,
+                    "store unreachable at shutdown: outcome dropped (the rescuer retries the job)"
+                );
+            }
+        }
+        self.sync_gauges();
+    }
+}
+
+/// The write for a handler's outcome: `Ok` for a completion, `Err` for the single-job writes.
+fn outcome_write(outcome: Outcome) -> Result<Option<Value>, Write> {
+    match outcome {
+        Outcome::Complete(result) => match faultline_ports::validate_result(result.as_ref()) {
+            Ok(()) => Ok(result),
+            Err(err) => Err(permanent(format!(
+                "the handler's result cannot be stored: {err}"
+            ))),
+        },
+        Outcome::Retry { error, delay } => Err(Write::Fail(Failure {
+            error,
+            retryable: true,
+            retry_delay_ms: delay.map(store_ms),
+        })),
+        Outcome::Fail { error } => Err(permanent(error)),
+        Outcome::Snooze { delay } => Err(Write::Snooze {
+            delay_ms: store_ms(delay),
+            release: false,
+        }),
+    }
+}
+
+fn permanent(error: String) -> Write {
+    Write::Fail(Failure {
+        error,
+        retryable: false,
+        retry_delay_ms: None,
+    })
+}
+
+fn retryable(error: String) -> Write {
+    Write::Fail(Failure {
+        error,
+        retryable: true,
+        retry_delay_ms: None,
+    })
+}
+
+/// A delay the store accepts: whole milliseconds, at most [`Limits::MAX_DURATION_MS`].
+fn store_ms(delay: Duration) -> i64 {
+    millis(delay).min(Limits::MAX_DURATION_MS)
+}
+
+fn panic_message(payload: Box<dyn Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(message) => *message,
+        Err(payload) => match payload.downcast::<&'static str>() {
+            Ok(message) => (*message).to_owned(),
+            Err(_) => "a panic without a message".to_owned(),
+        },
+    }
+}

@@ -1,0 +1,8 @@
+//! The worker runtime's tests: on the in-memory store (step API with a manual clock, the
+//! production loop under paused time), with a mock store for fault injection, and on real
+//! PostgreSQL for the key paths.
+
+mod memory;
+mod mock;
+mod postgres;
+mod support;
