@@ -4,12 +4,15 @@
 //!   it with the same semantics, proven by one contract suite run against each.
 //! * [`Clock`]: "now", so tests can pin time. Production Postgres ignores it and uses the
 //!   database's `now()`.
+//! * [`telemetry`]: the metric names and label vocabulary shared by every component that emits
+//!   or exports metrics, and [`LabelGuard`], which bounds label cardinality.
 //!
 //! *Architecture invariant*: ports depend on `faultline-domain` only; no adapter types (no sqlx,
 //! no HTTP) appear in any signature here.
 
 mod clock;
 mod store;
+pub mod telemetry;
 mod validate;
 
 pub use clock::{Clock, ManualClock, SystemClock};
@@ -20,6 +23,7 @@ pub use store::{
     ListParams, PruneParams, QueueStats, StoreError, StoreResult, WriteOutcome,
 };
 
+pub use telemetry::LabelGuard;
 pub use validate::{
     MAX_CLAIM_LIMIT, MAX_PAGE_SIZE, validate_extend_ms, validate_result, validate_snooze_ms,
     validate_specs,

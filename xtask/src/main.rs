@@ -1,6 +1,7 @@
-//! `cargo xtask`: Faultline's project automation (`test`, `migrate`, `tidy`).
+//! `cargo xtask`: Faultline's project automation (`test`, `migrate`, `openapi`, `tidy`).
 
 mod migrate;
+mod openapi;
 mod server;
 mod sweep;
 mod test;
@@ -40,6 +41,12 @@ enum Command {
         #[arg(long, env = "DATABASE_URL", value_name = "URL")]
         database_url: String,
     },
+    /// Write the OpenAPI document the HTTP API serves to docs/openapi.json.
+    Openapi {
+        /// Write nothing; exit with status 1 when docs/openapi.json is out of date.
+        #[arg(long)]
+        check: bool,
+    },
     /// Check dependency directions between the crates and that every .rs file starts with `//!`.
     Tidy,
 }
@@ -51,6 +58,7 @@ fn main() -> ExitCode {
         Command::Migrate { database_url } => {
             migrate::run(&database_url).map(|()| ExitCode::SUCCESS)
         }
+        Command::Openapi { check } => openapi::run(check),
         Command::Tidy => tidy::run().map(|()| ExitCode::SUCCESS),
     };
     match result {

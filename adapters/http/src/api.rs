@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::Utc;
 use faultline_ports::domain::Limits;
 use faultline_ports::{
-    ClaimParams, Failure, JobStore, LeaseRef, ListParams, StoreError, StoreResult,
+    ClaimParams, EnqueueOutcome, Failure, JobStore, LeaseRef, ListParams, StoreError, StoreResult,
     validate_extend_ms, validate_result, validate_snooze_ms,
 };
 use poem_openapi::param::{Header, Path, Query};
@@ -31,6 +31,7 @@ use crate::problem::{
     ActionError, BatchError, ClaimError, EnqueueError, LeaseError, ListError, Problem, ReadError,
     StatsError,
 };
+use crate::telemetry;
 
 /// What every handler shares.
 pub(crate) struct Ctx {
@@ -42,15 +43,25 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
-    /// Runs one store call, bounded by the request timeout: no answer in time is a 503.
-    async fn call<T>(&self, call: impl Future<Output = StoreResult<T>>) -> Result<T, Problem> {
+    /// Runs one store call (`operation`, for the metrics), bounded by the request timeout: no
+    /// answer in time is a 503.
+    async fn call<T>(
+        &self,
+        operation: &'static str,
+        call: impl Future<Output = StoreResult<T>>,
+    ) -> Result<T, Problem> {
         match tokio::time::timeout(self.config.request_timeout, call).await {
-            Ok(result) => result.map_err(Problem::from),
+            Ok(result) => {
+                telemetry::store_call(operation, result.as_ref().err());
+                result.map_err(Problem::from)
+            }
             Err(_) => {
                 tracing::warn!(
                     timeout_s = self.config.request_timeout.as_secs_f64(),
+                    operation,
                     "store call timed out"
                 );
+                telemetry::store_call(operation, Some(&StoreError::Backend("timed out".into())));
                 Err(Problem::unavailable(format!(
                     "the database did not answer within {} s; retry later",
                     self.config.request_timeout.as_secs_f64()
@@ -190,8 +201,14 @@ impl JobsApi {
             (None, _) => {}
         }
         let spec = job.into_spec(ctx.config.max_payload_bytes)?;
-        let enqueued = ctx.call(ctx.store.job_enqueue(&spec)).await?;
+        let enqueued = ctx.call("enqueue", ctx.store.job_enqueue(&spec)).await?;
         let job = enqueued.job;
+        let labels = &ctx.config.metric_labels;
+        if enqueued.created {
+            telemetry::enqueued(labels, &job.queue, &job.kind);
+        } else {
+            telemetry::replayed(labels, &job.queue);
+        }
         tracing::debug!(
             job_id = job.id,
             kind = %job.kind,
@@ -233,7 +250,19 @@ impl JobsApi {
                 })?;
             specs.push(spec);
         }
-        let outcomes = ctx.call(ctx.store.job_enqueue_many(&specs)).await?;
+        let outcomes = ctx
+            .call("enqueue_many", ctx.store.job_enqueue_many(&specs))
+            .await?;
+        let labels = &ctx.config.metric_labels;
+        for (spec, outcome) in specs.iter().zip(&outcomes) {
+            match outcome {
+                EnqueueOutcome::Created { .. } => {
+                    telemetry::enqueued(labels, &spec.queue, &spec.kind);
+                }
+                EnqueueOutcome::Existing { .. } => telemetry::replayed(labels, &spec.queue),
+                EnqueueOutcome::Conflict { .. } => {}
+            }
+        }
         Ok(BatchResponse::Ok(Json(BatchResult {
             results: outcomes.into_iter().map(BatchItemResult::from).collect(),
         })))
@@ -273,7 +302,7 @@ impl JobsApi {
             before_id: cursor.0,
         };
         params.validate().map_err(Problem::from)?;
-        let page = ctx.call(ctx.store.job_list(&params)).await?;
+        let page = ctx.call("list", ctx.store.job_list(&params)).await?;
         Ok(PageResponse::Ok(Json(JobPage {
             jobs: page.jobs.into_iter().map(Into::into).collect(),
             next_cursor: page.next_cursor,
@@ -289,7 +318,7 @@ impl JobsApi {
         id: Path<i64>,
     ) -> Result<JobResponse, ReadError> {
         let ctx = &self.0;
-        let job = ctx.call(ctx.store.job_get(id.0)).await?;
+        let job = ctx.call("get", ctx.store.job_get(id.0)).await?;
         Ok(JobResponse::Ok(Json(job.into())))
     }
 
@@ -311,7 +340,8 @@ impl JobsApi {
         id: Path<i64>,
     ) -> Result<JobResponse, ActionError> {
         let ctx = &self.0;
-        let job = ctx.call(ctx.store.job_cancel(id.0)).await?;
+        let job = ctx.call("cancel", ctx.store.job_cancel(id.0)).await?;
+        telemetry::changed(&ctx.config.metric_labels, &job, false);
         tracing::info!(
             job_id = job.id,
             kind = %job.kind,
@@ -337,7 +367,7 @@ impl JobsApi {
         id: Path<i64>,
     ) -> Result<JobResponse, ActionError> {
         let ctx = &self.0;
-        let job = ctx.call(ctx.store.job_redrive(id.0)).await?;
+        let job = ctx.call("redrive", ctx.store.job_redrive(id.0)).await?;
         tracing::info!(
             job_id = job.id,
             kind = %job.kind,
@@ -361,7 +391,7 @@ impl QueuesApi {
     #[oai(path = "/queues", method = "get", operation_id = "list_queues")]
     async fn list_queues(&self, _auth: BearerAuth) -> Result<QueuesResponse, StatsError> {
         let ctx = &self.0;
-        let stats = ctx.call(ctx.store.queue_stats()).await?;
+        let stats = ctx.call("queue_stats", ctx.store.queue_stats()).await?;
         let now = Utc::now();
         Ok(QueuesResponse::Ok(Json(QueueList {
             queues: stats
@@ -409,9 +439,10 @@ impl WorkersApi {
             // Mark the current wake-up as seen before claiming, so that a job enqueued between
             // the claim and the wait still wakes us.
             wake.borrow_and_update();
-            let jobs = ctx.call(ctx.store.job_claim(&params)).await?;
+            let jobs = ctx.call("claim", ctx.store.job_claim(&params)).await?;
             if !jobs.is_empty() || Instant::now() >= deadline || ctx.shutdown.is_cancelled() {
                 for job in &jobs {
+                    telemetry::claimed(&ctx.config.metric_labels, job);
                     tracing::debug!(
                         job_id = job.id,
                         kind = %job.kind,
@@ -466,11 +497,17 @@ impl WorkersApi {
         let extend_ms = seconds_to_ms("extend_seconds", body.0.extend_seconds)?;
         validate_extend_ms(extend_ms).map_err(Problem::from)?;
         let outcomes = ctx
-            .call(ctx.store.job_heartbeat_many(&[lease], extend_ms))
+            .call(
+                "heartbeat",
+                ctx.store.job_heartbeat_many(&[lease], extend_ms),
+            )
             .await?;
         match outcomes.into_iter().next().and_then(HeartbeatResult::new) {
             Some(result) => Ok(HeartbeatResponse::Ok(Json(result))),
-            None => Err(StoreError::StaleLease { lease }.into()),
+            None => {
+                telemetry::stale("heartbeat");
+                Err(StoreError::StaleLease { lease }.into())
+            }
         }
     }
 
@@ -501,8 +538,9 @@ impl WorkersApi {
         }
         validate_result(request.result.as_ref()).map_err(Problem::from)?;
         let job = ctx
-            .call(ctx.store.job_complete(lease, request.result))
+            .call("complete", ctx.store.job_complete(lease, request.result))
             .await?;
+        telemetry::changed(&ctx.config.metric_labels, &job, false);
         tracing::debug!(
             job_id = job.id,
             kind = %job.kind,
@@ -542,7 +580,10 @@ impl WorkersApi {
                 .transpose()?,
         };
         failure.validate().map_err(Problem::from)?;
-        let job = ctx.call(ctx.store.job_fail(lease, &failure)).await?;
+        let job = ctx
+            .call("fail", ctx.store.job_fail(lease, &failure))
+            .await?;
+        telemetry::changed(&ctx.config.metric_labels, &job, true);
         tracing::debug!(
             job_id = job.id,
             kind = %job.kind,
@@ -578,7 +619,10 @@ impl WorkersApi {
         };
         let delay_ms = seconds_to_ms("delay_seconds", body.0.delay_seconds)?;
         validate_snooze_ms(delay_ms).map_err(Problem::from)?;
-        let job = ctx.call(ctx.store.job_snooze(lease, delay_ms)).await?;
+        let job = ctx
+            .call("snooze", ctx.store.job_snooze(lease, delay_ms))
+            .await?;
+        telemetry::changed(&ctx.config.metric_labels, &job, false);
         Ok(JobResponse::Ok(Json(job.into())))
     }
 }

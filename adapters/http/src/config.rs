@@ -3,7 +3,13 @@
 
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
+
+use faultline_ports::LabelGuard;
+
+/// Renders the process's metrics in the Prometheus text format (what `GET /metrics` serves).
+pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// Everything the HTTP API can be tuned with. [`ApiConfig::default`] gives the documented defaults.
 #[derive(Clone)]
@@ -32,6 +38,13 @@ pub struct ApiConfig {
     /// On shutdown, how long in-flight requests may take to finish before connections are
     /// dropped (default 10 s). Long-polling lease requests return at once on shutdown.
     pub shutdown_grace: Duration,
+    /// Serves `GET /metrics` (no token needed) with what this function renders (the binary
+    /// passes its Prometheus recorder's). `None` (the default): `/metrics` answers 404.
+    pub metrics: Option<MetricsRender>,
+    /// Bounds the `queue` and `kind` label values of the API's metrics (share one guard with
+    /// every component of the process). Default: a guard of its own with
+    /// [`LabelGuard::DEFAULT_CAP`].
+    pub metric_labels: LabelGuard,
 }
 
 impl ApiConfig {
@@ -68,6 +81,8 @@ impl Default for ApiConfig {
             retry_after: Duration::from_secs(5),
             lease_poll_interval: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(10),
+            metrics: None,
+            metric_labels: LabelGuard::default(),
         }
     }
 }
@@ -87,6 +102,18 @@ impl fmt::Debug for ApiConfig {
             .field("retry_after", &self.retry_after)
             .field("lease_poll_interval", &self.lease_poll_interval)
             .field("shutdown_grace", &self.shutdown_grace)
+            .field(
+                "metrics",
+                &format_args!(
+                    "{}",
+                    if self.metrics.is_some() {
+                        "served"
+                    } else {
+                        "off"
+                    }
+                ),
+            )
+            .field("metric_labels", &self.metric_labels)
             .finish()
     }
 }

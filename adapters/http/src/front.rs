@@ -1,9 +1,10 @@
-//! The front of every request: authentication, the body limit and timeout, and the conversion of
+//! The front of every request: authentication, the body limit and timeout, the conversion of
 //! every error (the framework's own routing, method, parsing and content-type errors included)
-//! into an RFC 9457 problem with the right headers (`Retry-After` on 503, `WWW-Authenticate` on 401).
+//! into an RFC 9457 problem with the right headers (`Retry-After` on 503, `WWW-Authenticate` on
+//! 401), and the request metrics (by method, route template and status).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use poem::error::ReadBodyError;
 use poem::http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
@@ -12,6 +13,7 @@ use poem::{Endpoint, IntoResponse, Request, Response};
 
 use crate::auth::{self, Refusal, Tokens};
 use crate::problem::{PROBLEM_CONTENT_TYPE, Problem};
+use crate::telemetry::{self, RouteTable};
 
 /// Longest framework error text kept as a problem's `detail`.
 const MAX_DETAIL_BYTES: usize = 4096;
@@ -22,6 +24,8 @@ pub(crate) struct FrontConfig {
     pub(crate) max_body_bytes: usize,
     pub(crate) body_timeout: Duration,
     pub(crate) retry_after_secs: u64,
+    /// The route templates, for the `route` label.
+    pub(crate) routes: RouteTable,
 }
 
 /// Wraps the application endpoint; see the module docs.
@@ -34,6 +38,7 @@ impl<E: Endpoint> Endpoint for Front<E> {
     type Output = Response;
 
     async fn call(&self, req: Request) -> poem::Result<Response> {
+        let started = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let response = match self.guarded(req).await {
@@ -42,6 +47,12 @@ impl<E: Endpoint> Endpoint for Front<E> {
         };
         let response = self.finish(response).await;
         let status = response.status();
+        telemetry::request(
+            telemetry::method_label(&method),
+            self.config.routes.template(&path),
+            status.as_u16(),
+            started.elapsed(),
+        );
         if status.is_server_error() {
             tracing::warn!(%method, %path, status = status.as_u16(), "request failed");
         } else {

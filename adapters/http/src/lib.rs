@@ -11,10 +11,14 @@
 //! faultline_http::serve(store, wake, health, config, shutdown).await?;
 //! ```
 //!
-//! Routes: `GET /health`, `GET /openapi.json`, `GET /docs` (Swagger UI), and under `/v1` the
-//! jobs, queues and worker operations (see `docs/openapi.json`). `GET /metrics` is not served by
-//! this adapter yet (it belongs to the observability work): it answers 404 like any unknown route
-//! (but never needs a token).
+//! Routes: `GET /health`, `GET /openapi.json`, `GET /docs` (Swagger UI), `GET /metrics` (when
+//! [`ApiConfig::metrics`] is set; else 404; never needs a token), and under `/v1` the jobs,
+//! queues and worker operations (see `docs/openapi.json`).
+//!
+//! Metrics (through the `metrics` facade; names in `faultline_ports::telemetry`): every request
+//! by method, route template (`/v1/jobs/{id}`, `unmatched` for unknown paths) and status, with
+//! its duration; enqueues, idempotent replays, the claims, retries and terminal outcomes of the
+//! HTTP worker protocol, stale lease writes, and store errors.
 //!
 //! Every error is an RFC 9457 problem (`application/problem+json`); the problem type URIs are in
 //! [`problem_types`]. Store errors map as: `Invalid` -> 422, `NotFound` -> 404, `Conflict` ->
@@ -30,24 +34,32 @@ mod front;
 mod health;
 mod problem;
 mod spec_only;
+mod telemetry;
 
 use std::io;
 use std::sync::Arc;
 
 use faultline_ports::JobStore;
+use poem::endpoint::make_sync;
+use poem::http::StatusCode;
+use poem::http::header::CONTENT_TYPE;
 use poem::listener::{Acceptor, TcpAcceptor};
-use poem::{Endpoint, EndpointExt, Response, Route, Server};
+use poem::{Endpoint, EndpointExt, Response, Route, Server, get};
 use poem_openapi::OpenApiService;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-pub use config::ApiConfig;
+pub use config::{ApiConfig, MetricsRender};
 pub use health::{HealthCheck, StoreHealth};
 pub use problem::PROBLEM_CONTENT_TYPE;
 pub use problem::types as problem_types;
 
 use crate::api::{Ctx, HealthApi, JobsApi, QueuesApi, WorkersApi};
 use crate::front::{Front, FrontConfig};
+use crate::telemetry::RouteTable;
+
+/// The content type of `GET /metrics` (the Prometheus text format).
+const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// The OpenAPI document's title.
 pub const API_TITLE: &str = "Faultline";
@@ -93,11 +105,13 @@ pub fn app<S: JobStore>(
     config: ApiConfig,
     shutdown: CancellationToken,
 ) -> impl Endpoint<Output = Response> {
-    let front = FrontConfig {
+    let metrics = config.metrics.clone();
+    let mut front = FrontConfig {
         tokens: auth::Tokens::new(&config.api_tokens),
         max_body_bytes: config.max_body_bytes,
         body_timeout: config.request_timeout,
         retry_after_secs: config.retry_after_secs(),
+        routes: RouteTable::default(),
     };
     let ctx = Arc::new(Ctx {
         store,
@@ -107,14 +121,40 @@ pub fn app<S: JobStore>(
         shutdown,
     });
     let service = service(ctx);
-    let routes = Route::new()
+    front.routes = route_table(&service.spec(), metrics.is_some());
+    let mut routes = Route::new()
         .at("/openapi.json", service.spec_endpoint())
-        .nest("/docs", service.swagger_ui())
-        .nest("/", service);
+        .nest("/docs", service.swagger_ui());
+    if let Some(render) = metrics {
+        routes = routes.at(
+            "/metrics",
+            get(make_sync(move |_| {
+                Response::builder()
+                    .status(StatusCode::OK)
+                    .header(CONTENT_TYPE, METRICS_CONTENT_TYPE)
+                    .body(render())
+            })),
+        );
+    }
+    let routes = routes.nest("/", service);
     Front {
         inner: routes.boxed(),
         config: Arc::new(front),
     }
+}
+
+/// The route templates of the document (`paths`), plus the routes outside it.
+fn route_table(spec: &str, metrics: bool) -> RouteTable {
+    let doc: serde_json::Value = serde_json::from_str(spec).unwrap_or_default();
+    let mut templates: Vec<&str> = doc["paths"]
+        .as_object()
+        .map(|paths| paths.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    templates.push("/openapi.json");
+    if metrics {
+        templates.push("/metrics");
+    }
+    RouteTable::new(templates, ["/docs"])
 }
 
 /// Binds `config.listen` and serves the API until `shutdown` is cancelled (see [`serve_on`]).
@@ -161,4 +201,27 @@ pub async fn serve_on<S: JobStore>(
     Server::new_with_acceptor(acceptor)
         .run_with_graceful_shutdown(endpoint, shutdown.cancelled_owned(), Some(grace))
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_documented_path_is_its_own_route_template() {
+        let spec = openapi_json();
+        let table = route_table(&spec, true);
+        let doc: serde_json::Value = serde_json::from_str(&spec).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        assert!(paths.len() >= 10, "{}", paths.len());
+        for template in paths.keys() {
+            let concrete = template.replace("{id}", "7");
+            assert!(!concrete.contains('{'), "{template}");
+            assert_eq!(table.template(&concrete), template);
+        }
+        assert_eq!(table.template("/metrics"), "/metrics");
+        assert_eq!(table.template("/openapi.json"), "/openapi.json");
+        assert_eq!(table.template("/docs/swagger-ui.css"), "/docs");
+        assert_eq!(route_table(&spec, false).template("/metrics"), "unmatched");
+    }
 }

@@ -13,5 +13,5 @@ mod row;
 pub mod sql; // not API: public so that tests can EXPLAIN the real statements
 mod store;
 
-pub use migrate::{MIGRATIONS_TABLE, MIGRATOR, migrate};
+pub use migrate::{AppliedMigration, MIGRATIONS_TABLE, MIGRATOR, migrate};
 pub use store::{NOTIFY_CHANNEL, PgStore};

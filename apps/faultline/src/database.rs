@@ -1,6 +1,7 @@
-//! The worker's database connection: connect options (generic plans, an application name), a
-//! startup that waits for the database instead of exiting while it is unreachable, and the check
-//! that the schema is migrated (workers never migrate; `faultline migrate` and `dev` do).
+//! Database connections of the worker and the API: connect options (generic plans, an
+//! application name), pools, the worker's startup that waits for the database instead of exiting
+//! while it is unreachable, and the check that the schema is migrated (workers and the API never
+//! migrate; `faultline migrate` and `dev` do).
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -13,22 +14,41 @@ use sqlx::{Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
 /// `application_name` of the worker's pool connections, as seen in `pg_stat_activity`.
-pub(crate) const APPLICATION_NAME: &str = "faultline-worker";
+pub(crate) const WORKER_APPLICATION_NAME: &str = "faultline-worker";
 
-/// Connect options for `url`: the worker's application name, and `plan_cache_mode =
-/// force_generic_plan`, because the worker's few hot statements (claim with `limit $n`, small
-/// completions) are otherwise re-planned on every call (17-30 % slower in our measurements).
-pub(crate) fn connect_options(url: &str) -> anyhow::Result<PgConnectOptions> {
+/// `application_name` of the HTTP API's pool connections.
+pub(crate) const API_APPLICATION_NAME: &str = "faultline-api";
+
+/// Connect options for `url`: `application_name`, and `plan_cache_mode = force_generic_plan`,
+/// because the few hot statements (claim with `limit $n`, small completions) are otherwise
+/// re-planned on every call (17-30 % slower in our measurements).
+pub(crate) fn connect_options(
+    url: &str,
+    application_name: &str,
+) -> anyhow::Result<PgConnectOptions> {
     let options = PgConnectOptions::from_str(url)
         .context("--database-url / DATABASE_URL is not a valid PostgreSQL URL")?;
     Ok(options
-        .application_name(APPLICATION_NAME)
+        .application_name(application_name)
         .options([("plan_cache_mode", "force_generic_plan")]))
+}
+
+/// A pool of at most `size` connections that connects lazily (so creating it never waits for the
+/// database), where getting a connection waits at most `acquire_timeout`.
+pub(crate) fn lazy_pool(
+    options: &PgConnectOptions,
+    size: u32,
+    acquire_timeout: Duration,
+) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(size)
+        .acquire_timeout(acquire_timeout)
+        .connect_lazy_with(options.clone())
 }
 
 /// Why the database cannot be used yet.
 #[derive(Debug)]
-enum Unready {
+pub(crate) enum Unready {
     /// Worth retrying: the server is down, restarting, unreachable, ...
     Transient(anyhow::Error),
     /// Retrying will not help (the schema is missing): stop with this error.
@@ -100,14 +120,25 @@ async fn try_connect(options: &PgConnectOptions, size: u32) -> Result<PgPool, Un
     let checked = check_schema(&mut conn).await;
     let _ = conn.close().await;
     checked?;
-    Ok(PgPoolOptions::new()
-        .max_connections(size)
-        .acquire_timeout(CONNECT_TIMEOUT)
-        .connect_lazy_with(options.clone()))
+    Ok(lazy_pool(options, size, CONNECT_TIMEOUT))
 }
 
 /// Checks that every migration this binary knows has been applied.
 async fn check_schema(conn: &mut PgConnection) -> Result<(), Unready> {
+    let missing = missing_migrations(conn).await?;
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(Unready::Fatal(anyhow::anyhow!(
+        "the database schema is not migrated (missing: {}); run `faultline migrate` with the same \
+         DATABASE_URL first (workers never change the schema)",
+        missing.join(", ")
+    )))
+}
+
+/// The migrations this binary knows that the database lacks, as "version description" (empty:
+/// the schema is up to date).
+pub(crate) async fn missing_migrations(conn: &mut PgConnection) -> Result<Vec<String>, Unready> {
     let transient = |e: sqlx::Error| Unready::Transient(anyhow::Error::new(e).context("connect"));
     let applied = match conn.list_applied_migrations(MIGRATIONS_TABLE).await {
         Ok(applied) => applied,
@@ -124,17 +155,9 @@ async fn check_schema(conn: &mut PgConnection) -> Result<(), Unready> {
             ));
         }
     };
-    let missing: Vec<String> = MIGRATOR
+    Ok(MIGRATOR
         .iter()
         .filter(|m| !applied.iter().any(|a| a.version == m.version))
         .map(|m| format!("{} {}", m.version, m.description))
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    Err(Unready::Fatal(anyhow::anyhow!(
-        "the database schema is not migrated (missing: {}); run `faultline migrate` with the same \
-         DATABASE_URL first (workers never change the schema)",
-        missing.join(", ")
-    )))
+        .collect())
 }

@@ -1,17 +1,19 @@
 //! `faultline dev`: the quick start in one process. Uses `DATABASE_URL` when set; otherwise
 //! starts a private PostgreSQL cluster from the locally installed server binaries (a fresh,
 //! temporary one per run: its data is deleted when `dev` stops). Migrates, runs a worker with the
-//! demo handlers, prints where everything is, and on Ctrl-C stops the worker, then the cluster.
+//! demo handlers and the HTTP API, prints where everything is, and on Ctrl-C stops the worker and
+//! the API, then the cluster.
 
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
 use faultline_postgres::cluster::{ClusterError, PrivateCluster, reap_orphans};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::options::{HttpArgs, WorkerArgs};
-use crate::{apply_migrations, database, handlers, report_migrations, shutdown, worker};
+use crate::options::{ApiArgs, HttpArgs, WorkerArgs};
+use crate::{api, database, handlers, report_migrations, shutdown, worker};
 
 /// `faultline dev` options.
 #[derive(Debug, Args)]
@@ -26,6 +28,9 @@ pub(crate) struct DevCommand {
 
     #[command(flatten)]
     http: HttpArgs,
+
+    #[command(flatten)]
+    api: ApiArgs,
 }
 
 /// Runs `faultline dev`.
@@ -34,6 +39,9 @@ pub(crate) async fn run(args: DevCommand) -> anyhow::Result<()> {
     let registry = handlers::registry(&args.http, true)?;
     let config = args.worker.config();
     config.validate()?;
+    let api_config = args.api.config()?;
+    // First, so that a taken port fails before anything is started.
+    let listener = api::bind(api_config.listen).await?;
 
     let (url, cluster) = match args.database_url.as_deref() {
         Some(url) if !url.trim().is_empty() => (url.to_owned(), None),
@@ -46,7 +54,13 @@ pub(crate) async fn run(args: DevCommand) -> anyhow::Result<()> {
         }
     };
     // From here on, the cluster must be stopped whatever happens.
-    let result = serve(&url, cluster.is_some(), &args, registry, config, shutdown).await;
+    let parts = Parts {
+        registry,
+        config,
+        api_config,
+        listener,
+    };
+    let result = serve(&url, cluster.is_some(), &args, parts, shutdown).await;
     if let Some(mut cluster) = cluster {
         let stopped = tokio::task::spawn_blocking(move || cluster.stop()).await;
         match stopped {
@@ -58,24 +72,40 @@ pub(crate) async fn run(args: DevCommand) -> anyhow::Result<()> {
     result
 }
 
+/// What `serve` runs: the worker's registry and configuration, and the API's.
+struct Parts {
+    registry: faultline_worker::Registry,
+    config: faultline_worker::WorkerConfig,
+    api_config: faultline_http::ApiConfig,
+    listener: TcpListener,
+}
+
 async fn serve(
     url: &str,
     private: bool,
     args: &DevCommand,
-    registry: faultline_worker::Registry,
-    config: faultline_worker::WorkerConfig,
+    parts: Parts,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let connect = database::connect_options(url)?;
+    let Parts {
+        registry,
+        config,
+        api_config,
+        listener,
+    } = parts;
+    let connect = database::connect_options(url, database::WORKER_APPLICATION_NAME)?;
+    let api_connect = database::connect_options(url, database::API_APPLICATION_NAME)?;
     let migrate_pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .acquire_timeout(Duration::from_secs(30))
         .connect(url)
         .await
         .context("connect to the database")?;
-    let applied = apply_migrations(&migrate_pool).await?;
+    let applied = faultline_postgres::migrate(&migrate_pool)
+        .await
+        .context("apply migrations");
     migrate_pool.close().await;
-    report_migrations(&applied);
+    report_migrations(&applied?);
 
     let backoff = (config.db_backoff_min, config.db_backoff_max);
     let Some(pool) =
@@ -84,24 +114,68 @@ async fn serve(
         return Ok(());
     };
 
-    // The HTTP API (and its Swagger UI and metrics) joins here with its issue: start it on this
-    // pool and print its URLs below.
+    let addr = listener.local_addr().context("the API's address")?;
+    let base = api::local_url(addr);
     let kinds = registry.kinds().join(", ");
     let where_from = if private {
         "private, temporary: deleted when dev stops"
     } else {
         "from DATABASE_URL"
     };
+    let (auth, auth_header) = if api_config.auth_enabled() {
+        (
+            "bearer token required",
+            " -H 'authorization: Bearer <token>'",
+        )
+    } else {
+        ("no API tokens: open to anyone who can reach it", "")
+    };
     println!("faultline dev is running");
     println!("  database  {}  ({where_from})", shown(url));
-    println!("  api       not available yet (arrives with the HTTP API)");
+    println!("  api       {base}/v1  ({auth}, listening on {addr})");
+    println!("  docs      {base}/docs  (Swagger UI)");
+    println!("  openapi   {base}/openapi.json");
+    println!("  health    {base}/health");
     println!(
         "  worker    queues {}, kinds {kinds}",
         config.queues.join(", ")
     );
+    println!(
+        "Try: curl -s -X POST {base}/v1/jobs{auth_header} -H 'content-type: application/json' \\\n  \
+         -d '{{\"kind\": \"sleep\", \"payload\": {{\"ms\": 500}}}}'"
+    );
     println!("Press Ctrl-C to stop.");
 
-    worker::serve(pool, connect, registry, config, shutdown).await
+    // Both run until the shutdown; if one fails early, it stops the other.
+    let api = stop_all_on_error(
+        api::serve(
+            listener,
+            api_connect,
+            args.api.api_pool_size,
+            api_config,
+            shutdown.clone(),
+        ),
+        &shutdown,
+    );
+    let worker = stop_all_on_error(
+        worker::serve(pool, connect, registry, config, shutdown.clone()),
+        &shutdown,
+    );
+    let (api, worker) = tokio::join!(api, worker);
+    api.and(worker)
+}
+
+/// Runs `part`; when it fails, fires `shutdown` so that the other parts stop too.
+async fn stop_all_on_error(
+    part: impl Future<Output = anyhow::Result<()>>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let result = part.await;
+    if let Err(error) = &result {
+        tracing::error!(error = format!("{error:#}"), "stopping everything");
+        shutdown.cancel();
+    }
+    result
 }
 
 /// Starts the private cluster (blocking: initdb and pg_ctl), after removing those of `dev` runs

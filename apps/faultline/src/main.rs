@@ -1,6 +1,7 @@
-//! `faultline`: the command line of the Faultline job system: `migrate`, `worker` and `dev` (the
-//! HTTP API's `api` arrives with its issue).
+//! `faultline`: the command line of the Faultline job system: `migrate`, `worker`, `api` and
+//! `dev`. Configuration (flags, environment) and telemetry (logging) are read and set up here only.
 
+mod api;
 mod database;
 mod dev;
 mod handlers;
@@ -13,8 +14,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use faultline_postgres::{MIGRATIONS_TABLE, MIGRATOR};
-use sqlx::migrate::Migrate;
+use faultline_postgres::{AppliedMigration, MIGRATOR};
 use sqlx::postgres::PgPoolOptions;
 
 use crate::options::{DatabaseArgs, LogArgs};
@@ -37,8 +37,11 @@ enum Command {
     Migrate(MigrateArgs),
     /// Run jobs: claim them from the database and run their handlers until SIGTERM/SIGINT.
     Worker(worker::WorkerCommand),
-    /// The quick start: a database (DATABASE_URL, else a private PostgreSQL), its schema, and a
-    /// worker with the demo handlers, in one process. Ctrl-C stops everything.
+    /// Serve the HTTP API (jobs, queues, the worker protocol, /health, /openapi.json and Swagger
+    /// UI at /docs) until SIGTERM/SIGINT.
+    Api(api::ApiCommand),
+    /// The quick start: a database (DATABASE_URL, else a private PostgreSQL), its schema, a
+    /// worker with the demo handlers and the HTTP API, in one process. Ctrl-C stops everything.
     Dev(dev::DevCommand),
 }
 
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Migrate(args) => run_async(migrate(args)),
         Command::Worker(args) => run_async(worker::run(args)),
+        Command::Api(args) => run_async(api::run(args)),
         Command::Dev(args) => run_async(dev::run(args)),
     };
     match result {
@@ -79,35 +83,23 @@ fn run_async(future: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result
 
 /// `faultline migrate`.
 async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
-    let url = &args.database.database_url;
     let pool = PgPoolOptions::new()
-        .max_connections(2)
-        .connect(url)
+        .max_connections(1)
+        .connect(&args.database.database_url)
         .await
         .context("connect to the database (--database-url / DATABASE_URL)")?;
-    let applied = apply_migrations(&pool).await?;
+    let applied = faultline_postgres::migrate(&pool)
+        .await
+        .context("apply migrations");
     pool.close().await;
-    report_migrations(&applied);
+    report_migrations(&applied?);
     Ok(())
 }
 
-/// Applies pending migrations; returns those applied now, as (version, description).
-async fn apply_migrations(pool: &sqlx::PgPool) -> anyhow::Result<Vec<(i64, String)>> {
-    let before = applied_versions(pool).await?;
-    faultline_postgres::migrate(pool)
-        .await
-        .context("apply migrations")?;
-    let after = applied_versions(pool).await?;
-    Ok(MIGRATOR
-        .iter()
-        .filter(|m| after.contains(&m.version) && !before.contains(&m.version))
-        .map(|m| (m.version, m.description.to_string()))
-        .collect())
-}
-
-fn report_migrations(applied: &[(i64, String)]) {
-    for (version, description) in applied {
-        println!("applied {version} {description}");
+/// Prints what `migrate` applied (for `migrate` and `dev`).
+fn report_migrations(applied: &[AppliedMigration]) {
+    for migration in applied {
+        println!("applied {migration}");
     }
     if applied.is_empty() {
         println!(
@@ -115,13 +107,6 @@ fn report_migrations(applied: &[(i64, String)]) {
             MIGRATOR.iter().count()
         );
     }
-}
-
-async fn applied_versions(pool: &sqlx::PgPool) -> anyhow::Result<Vec<i64>> {
-    let mut conn = pool.acquire().await?;
-    conn.ensure_migrations_table(MIGRATIONS_TABLE).await?;
-    let applied = conn.list_applied_migrations(MIGRATIONS_TABLE).await?;
-    Ok(applied.into_iter().map(|m| m.version).collect())
 }
 
 #[cfg(test)]

@@ -1,10 +1,16 @@
-//! Command-line and environment options shared by `faultline worker` and `faultline dev`, and
-//! their mapping onto the worker's typed configuration. Configuration is read here only.
+//! Command-line and environment options shared by `faultline worker`, `faultline api` and
+//! `faultline dev`, and their mapping onto the worker's and the HTTP API's typed configurations.
+//! Configuration is read here only.
 
+use std::convert::Infallible;
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
+use faultline_http::ApiConfig;
 use faultline_worker::WorkerConfig;
 
 /// Where the database is, for the subcommands that require one.
@@ -177,6 +183,138 @@ pub(crate) struct HttpArgs {
     /// Time limit of one HTTP request, from connecting to reading the response.
     #[arg(long, env = "FAULTLINE_HTTP_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub(crate) http_timeout: Duration,
+}
+
+/// The HTTP API: one flag per field of `ApiConfig`, plus its pool. Defaults are `ApiConfig`'s (a
+/// test keeps them equal). Options whose names would be ambiguous next to the worker's in `dev`
+/// carry an `api-` prefix.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "HTTP API")]
+pub(crate) struct ApiArgs {
+    /// Address (IP:PORT) the HTTP API listens on; port 0 picks a free port.
+    #[arg(
+        long,
+        env = "FAULTLINE_LISTEN",
+        value_name = "ADDR",
+        default_value = "0.0.0.0:8000"
+    )]
+    pub(crate) listen: SocketAddr,
+
+    /// Bearer tokens accepted on /v1, comma-separated; without any, /v1 is open to anyone who
+    /// can reach the address. Prefer the environment variable: flags show up in `ps`.
+    #[arg(
+        long,
+        env = "FAULTLINE_API_TOKENS",
+        value_name = "TOKEN,..",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub(crate) api_tokens: Vec<ApiToken>,
+
+    /// Largest request body in bytes (413 beyond it).
+    #[arg(long, env = "FAULTLINE_MAX_BODY_BYTES", value_name = "N", default_value_t = ApiConfig::DEFAULT_MAX_BODY_BYTES as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) max_body_bytes: u64,
+
+    /// Largest job payload (and handler result) in bytes of compact JSON (413 beyond it).
+    #[arg(long, env = "FAULTLINE_MAX_PAYLOAD_BYTES", value_name = "N", default_value_t = ApiConfig::DEFAULT_MAX_PAYLOAD_BYTES as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) max_payload_bytes: u64,
+
+    /// Longest wait of one request for the database (and for its body); then 503 with
+    /// Retry-After. Long-polling lease requests get their wait_seconds on top.
+    #[arg(long, env = "FAULTLINE_REQUEST_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub(crate) request_timeout: Duration,
+
+    /// The Retry-After sent with 503 responses (rounded up to whole seconds).
+    #[arg(long, env = "FAULTLINE_RETRY_AFTER", value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub(crate) retry_after: Duration,
+
+    /// While a lease request long-polls, how often it looks for jobs that became due by the clock
+    /// (scheduled, retried, snoozed), besides the wake-ups of new jobs.
+    #[arg(long, env = "FAULTLINE_LEASE_POLL_INTERVAL", value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub(crate) lease_poll_interval: Duration,
+
+    /// On SIGTERM/SIGINT, how long in-flight requests may take before connections are dropped.
+    #[arg(long, env = "FAULTLINE_API_SHUTDOWN_GRACE", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub(crate) api_shutdown_grace: Duration,
+
+    /// Database connections of the API's pool (the wake-up listener has one more of its own).
+    #[arg(long, env = "FAULTLINE_API_POOL_SIZE", value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) api_pool_size: u32,
+}
+
+impl ApiArgs {
+    /// The API's configuration; refuses settings the API cannot work with.
+    pub(crate) fn config(&self) -> anyhow::Result<ApiConfig> {
+        if let [only] = self.api_tokens.as_slice()
+            && only.0.trim().is_empty()
+        {
+            bail!(
+                "--api-tokens / FAULTLINE_API_TOKENS is empty: unset it to serve /v1 without \
+                 tokens, or give at least one token"
+            );
+        }
+        let mut tokens = Vec::with_capacity(self.api_tokens.len());
+        for (index, token) in self.api_tokens.iter().enumerate() {
+            // Never show the value: it is a secret (and an operator's typo of one).
+            let which = index + 1;
+            let token = token.0.trim();
+            if token.is_empty() {
+                bail!(
+                    "--api-tokens / FAULTLINE_API_TOKENS: token {which} is empty (an extra comma?)"
+                );
+            }
+            if token.chars().any(char::is_control) {
+                bail!(
+                    "--api-tokens / FAULTLINE_API_TOKENS: token {which} contains a control character"
+                );
+            }
+            tokens.push(token.to_owned());
+        }
+        for (value, name) in [
+            (self.request_timeout, "--request-timeout"),
+            (self.retry_after, "--retry-after"),
+            (self.lease_poll_interval, "--lease-poll-interval"),
+        ] {
+            if value.is_zero() {
+                bail!("{name} must be longer than 0");
+            }
+        }
+        let bytes = |n: u64, name: &str| {
+            usize::try_from(n).with_context(|| format!("{name} {n} is too large"))
+        };
+        Ok(ApiConfig {
+            listen: self.listen,
+            max_body_bytes: bytes(self.max_body_bytes, "--max-body-bytes")?,
+            max_payload_bytes: bytes(self.max_payload_bytes, "--max-payload-bytes")?,
+            api_tokens: tokens,
+            request_timeout: self.request_timeout,
+            retry_after: self.retry_after,
+            lease_poll_interval: self.lease_poll_interval,
+            shutdown_grace: self.api_shutdown_grace,
+            // Wiring rather than settings (e.g. what serves `/metrics`): the adapter's defaults.
+            ..ApiConfig::default()
+        })
+    }
+}
+
+/// One API token as given: a secret, so its `Debug` output never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct ApiToken(pub(crate) String);
+
+impl FromStr for ApiToken {
+    type Err = Infallible;
+
+    /// Accepts anything: checked by [`ApiArgs::config`], whose errors do not repeat the value
+    /// (clap's own parse errors would).
+    fn from_str(text: &str) -> Result<Self, Infallible> {
+        Ok(ApiToken(text.to_owned()))
+    }
+}
+
+impl fmt::Debug for ApiToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiToken(<redacted>)")
+    }
 }
 
 /// Logging, for every subcommand.

@@ -1,9 +1,11 @@
 //! Tests of the command line: it is well formed, its defaults are the runtime's, flags parse into
 //! the configuration, and `--help` and the README show every option with its environment variable.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser};
+use faultline_http::ApiConfig;
 use faultline_worker::WorkerConfig;
 
 use super::{Cli, Command};
@@ -19,6 +21,15 @@ fn worker_args(args: &[&str]) -> crate::worker::WorkerCommand {
     argv.extend_from_slice(args);
     match parse(&argv).command {
         Command::Worker(worker) => worker,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn api_args(args: &[&str]) -> crate::api::ApiCommand {
+    let mut argv = vec!["api", "--database-url", "postgres://x@127.0.0.1/db"];
+    argv.extend_from_slice(args);
+    match parse(&argv).command {
+        Command::Api(api) => api,
         other => panic!("{other:?}"),
     }
 }
@@ -71,6 +82,25 @@ const WORKER_ENV: [&str; 25] = [
     "FAULTLINE_LOG",
 ];
 
+/// Every environment variable the API reads.
+const API_ENV: [&str; 12] = [
+    "DATABASE_URL",
+    "FAULTLINE_LISTEN",
+    "FAULTLINE_API_TOKENS",
+    "FAULTLINE_MAX_BODY_BYTES",
+    "FAULTLINE_MAX_PAYLOAD_BYTES",
+    "FAULTLINE_REQUEST_TIMEOUT",
+    "FAULTLINE_RETRY_AFTER",
+    "FAULTLINE_LEASE_POLL_INTERVAL",
+    "FAULTLINE_API_SHUTDOWN_GRACE",
+    "FAULTLINE_API_POOL_SIZE",
+    "FAULTLINE_LOG_FORMAT",
+    "FAULTLINE_LOG",
+];
+
+/// The subcommands that take configuration options.
+const CONFIGURED: [&str; 3] = ["worker", "api", "dev"];
+
 #[test]
 fn cli_is_well_formed() {
     Cli::command().debug_assert();
@@ -94,17 +124,39 @@ fn every_worker_setting_has_a_flag_and_an_environment_variable() {
     let mut expected = WORKER_ENV.to_vec();
     expected.sort_unstable();
     assert_eq!(envs, expected);
-    // dev has the same options, minus --demo-handlers (always on) and --print-config.
-    let dev: Vec<String> = options_of("dev").into_iter().map(|(l, _)| l).collect();
-    for (long, _) in &options {
-        let dev_lacks = long == "--demo-handlers" || long == "--print-config";
-        assert_eq!(dev.contains(long), !dev_lacks, "{long} in dev");
-    }
+}
+
+#[test]
+fn every_api_setting_has_a_flag_and_an_environment_variable() {
+    let options = options_of("api");
+    let without: Vec<&str> = options
+        .iter()
+        .filter(|(_, env)| env.is_none())
+        .map(|(long, _)| long.as_str())
+        .collect();
+    assert_eq!(without, ["--print-config"]);
+    let envs: BTreeSet<&str> = options
+        .iter()
+        .filter_map(|(_, env)| env.as_deref())
+        .collect();
+    assert_eq!(envs, API_ENV.into_iter().collect());
+}
+
+#[test]
+fn dev_takes_the_worker_and_api_options() {
+    // Minus --demo-handlers (always on) and --print-config.
+    let dev: BTreeSet<(String, Option<String>)> = options_of("dev").into_iter().collect();
+    let expected: BTreeSet<(String, Option<String>)> = options_of("worker")
+        .into_iter()
+        .chain(options_of("api"))
+        .filter(|(long, _)| long != "--demo-handlers" && long != "--print-config")
+        .collect();
+    assert_eq!(dev, expected);
 }
 
 #[test]
 fn help_shows_every_option_with_its_environment_variable() {
-    for subcommand in ["worker", "dev"] {
+    for subcommand in CONFIGURED {
         let mut cli = Cli::command();
         cli.build();
         let help = cli
@@ -127,7 +179,7 @@ fn help_shows_every_option_with_its_environment_variable() {
 #[test]
 fn the_readme_documents_every_option() {
     let readme = include_str!("../../../README.md");
-    for subcommand in ["worker", "dev"] {
+    for subcommand in CONFIGURED {
         for (long, env) in options_of(subcommand) {
             assert!(readme.contains(&format!("`{long}")), "README lacks {long}");
             if let Some(env) = env {
@@ -268,4 +320,128 @@ fn log_options_are_accepted_after_the_subcommand() {
     let cli = parse(&["dev", "--log-format", "json", "--log", "debug,sqlx=warn"]);
     assert_eq!(cli.log.log_format, crate::options::LogFormat::Json);
     assert_eq!(cli.log.log, "debug,sqlx=warn");
+}
+
+#[test]
+fn the_api_defaults_are_the_adapters() {
+    let args = api_args(&[]);
+    assert!(!args.print_config);
+    let config = args.api.config().expect("valid");
+    let defaults = ApiConfig::default();
+    assert_eq!(config.listen, defaults.listen);
+    assert_eq!(config.api_tokens, defaults.api_tokens);
+    assert_eq!(config.max_body_bytes, defaults.max_body_bytes);
+    assert_eq!(config.max_payload_bytes, defaults.max_payload_bytes);
+    assert_eq!(config.request_timeout, defaults.request_timeout);
+    assert_eq!(config.retry_after, defaults.retry_after);
+    assert_eq!(config.lease_poll_interval, defaults.lease_poll_interval);
+    assert_eq!(config.shutdown_grace, defaults.shutdown_grace);
+    assert_eq!(args.api.api_pool_size, 10);
+}
+
+#[test]
+fn api_flags_reach_the_configuration() {
+    let args = api_args(&[
+        "--listen",
+        "127.0.0.1:9001",
+        "--api-tokens",
+        "t1, t2",
+        "--api-tokens",
+        "t3",
+        "--max-body-bytes",
+        "1000",
+        "--max-payload-bytes",
+        "500",
+        "--request-timeout",
+        "3s",
+        "--retry-after",
+        "1500ms",
+        "--lease-poll-interval",
+        "250ms",
+        "--api-shutdown-grace",
+        "2s",
+        "--api-pool-size",
+        "4",
+        "--print-config",
+    ]);
+    assert!(args.print_config);
+    assert_eq!(args.api.api_pool_size, 4);
+    let config = args.api.config().expect("valid");
+    assert_eq!(config.listen, "127.0.0.1:9001".parse().unwrap());
+    assert_eq!(config.api_tokens, ["t1", "t2", "t3"], "trimmed");
+    assert_eq!(config.max_body_bytes, 1000);
+    assert_eq!(config.max_payload_bytes, 500);
+    assert_eq!(config.request_timeout, Duration::from_secs(3));
+    assert_eq!(config.retry_after, Duration::from_millis(1500));
+    assert_eq!(config.lease_poll_interval, Duration::from_millis(250));
+    assert_eq!(config.shutdown_grace, Duration::from_secs(2));
+    // dev takes the same options.
+    let dev = parse(&["dev", "--listen", "127.0.0.1:0", "--api-pool-size", "3"]);
+    let Command::Dev(dev) = dev.command else {
+        panic!("not dev");
+    };
+    let shown = format!("{dev:?}");
+    assert!(shown.contains("api_pool_size: 3"), "{shown}");
+    assert!(shown.contains("127.0.0.1:0"), "{shown}");
+}
+
+#[test]
+fn api_tokens_are_never_shown() {
+    let cli = parse(&[
+        "api",
+        "--database-url",
+        "postgres://x@127.0.0.1/db",
+        "--api-tokens",
+        "s3cret-one,s3cret-two",
+    ]);
+    let shown = format!("{cli:?}");
+    assert!(!shown.contains("s3cret"), "{shown}");
+    let Command::Api(api) = cli.command else {
+        panic!("not api");
+    };
+    let config = api.api.config().expect("valid");
+    assert!(!format!("{config:?}").contains("s3cret"));
+    // Refused tokens are named by position, never by value.
+    for (tokens, expected) in [
+        ("s3cret,,x", "token 2 is empty"),
+        ("s3cret, ", "token 2 is empty"),
+        ("  ", "is empty: unset it"),
+        ("s3cret,ab\u{7}c", "token 2 contains a control character"),
+    ] {
+        let args = api_args(&["--api-tokens", tokens]);
+        let error = args.api.config().expect_err(tokens).to_string();
+        assert!(error.contains(expected), "{tokens:?}: {error}");
+        assert!(
+            !error.contains("s3cret") && !error.contains("ab"),
+            "{error}"
+        );
+    }
+}
+
+#[test]
+fn bad_api_values_are_refused_with_the_option_named() {
+    for (extra, named) in [
+        (&["--listen", "localhost"][..], "--listen"),
+        (&["--listen", "127.0.0.1"][..], "--listen"),
+        (&["--api-pool-size", "0"][..], "--api-pool-size"),
+        (&["--max-body-bytes", "0"][..], "--max-body-bytes"),
+        (&["--max-payload-bytes", "1k"][..], "--max-payload-bytes"),
+        (&["--request-timeout", "10"][..], "--request-timeout"),
+    ] {
+        let mut argv = vec!["faultline", "api", "--database-url", "postgres://x@h/db"];
+        argv.extend_from_slice(extra);
+        let err = Cli::try_parse_from(argv).expect_err(named);
+        assert!(err.to_string().contains(named), "{extra:?}: {err}");
+    }
+    for (extra, named) in [
+        (&["--request-timeout", "0s"][..], "--request-timeout"),
+        (&["--retry-after", "0ms"][..], "--retry-after"),
+        (
+            &["--lease-poll-interval", "0s"][..],
+            "--lease-poll-interval",
+        ),
+    ] {
+        let error = api_args(extra).api.config().expect_err(named).to_string();
+        assert!(error.contains(named), "{extra:?}: {error}");
+    }
 }

@@ -49,7 +49,10 @@ pub(crate) async fn run(args: WorkerCommand) -> anyhow::Result<()> {
         print_config(&args, &config);
         return Ok(());
     }
-    let connect = database::connect_options(&args.database.database_url)?;
+    let connect = database::connect_options(
+        &args.database.database_url,
+        database::WORKER_APPLICATION_NAME,
+    )?;
     let backoff = (config.db_backoff_min, config.db_backoff_max);
     let Some(pool) =
         database::connect(&connect, args.worker.pool_size(), backoff, &shutdown).await?

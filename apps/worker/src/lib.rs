@@ -8,7 +8,14 @@
 //! * [`Worker`]: the runtime. [`Worker::run`] for production; step methods
 //!   ([`Worker::run_once`], [`Worker::heartbeat_once`], ...) for tests.
 //! * [`WorkerConfig`]: every knob, with production defaults.
-//! * [`WorkerStats`]: counters and gauges for metrics and tests.
+//! * [`WorkerStats`]: counters and gauges for tests and embedding applications.
+//!
+//! Metrics: the worker records Prometheus metrics through the `metrics` facade (names in
+//! `faultline_ports::telemetry`): claims, wait and run times, outcomes, retries, lease
+//! expirations and recoveries (from its rescuer), stale writes, store errors, in-flight handlers
+//! and slots. Nothing is recorded until the process installs a recorder (the binary installs
+//! `faultline-metrics`). Queue and kind label values are bounded by a
+//! [`faultline_ports::LabelGuard`] ([`Worker::with_metric_labels`]).
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -41,6 +48,7 @@ mod config;
 mod handler;
 mod run;
 mod stats;
+mod telemetry;
 mod worker;
 
 pub use config::{ConfigError, WorkerConfig};

@@ -15,8 +15,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use faultline_domain::{Job, JobState, Limits};
 use faultline_ports::{
-    ClaimParams, Clock, Failure, HeartbeatOutcome, JobStore, LeaseRef, StoreError, StoreResult,
-    WriteOutcome,
+    ClaimParams, Clock, Failure, HeartbeatOutcome, JobStore, LabelGuard, LeaseRef, StoreError,
+    StoreResult, WriteOutcome,
 };
 use serde_json::Value;
 use tokio::sync::watch;
@@ -26,6 +26,7 @@ use tracing::Instrument;
 
 use crate::config::{ConfigError, WorkerConfig, millis};
 use crate::stats::{Counter, Counters, WorkerStats};
+use crate::telemetry::{self, JobLabels};
 use crate::{JobContext, Outcome, Registry};
 
 /// What a finished job task hands back: the handler's outcome, or the timeout that stopped it.
@@ -71,6 +72,12 @@ pub struct ShutdownReport {
 struct Held {
     kind: String,
     attempt: i32,
+    /// The job's metric labels.
+    labels: JobLabels,
+    /// When the handler started (by tokio's clock).
+    started: tokio::time::Instant,
+    /// How long the handler ran, once it returned (or timed out, or panicked).
+    run_time: Option<Duration>,
     /// The latest end of the lease the store reported (claim or heartbeat), by the store's clock.
     lease_expires_at: DateTime<Utc>,
     /// The handler's token.
@@ -135,6 +142,10 @@ pub struct Worker<S: JobStore, C: Clock> {
     others: VecDeque<(LeaseRef, Write)>,
     /// Set by a shutdown: the worker claims nothing more.
     pub(crate) draining: bool,
+    /// Bounds the `queue` and `kind` label values of the worker's metrics.
+    labels: LabelGuard,
+    /// The handlers this worker last added to the process's in-flight gauge.
+    reported_in_flight: usize,
 }
 
 impl<S: JobStore, C: Clock> std::fmt::Debug for Worker<S, C> {
@@ -146,6 +157,16 @@ impl<S: JobStore, C: Clock> std::fmt::Debug for Worker<S, C> {
             .field("leases_held", &self.held.len())
             .field("pending_writes", &self.pending_writes())
             .finish_non_exhaustive()
+    }
+}
+
+impl<S: JobStore, C: Clock> Drop for Worker<S, C> {
+    /// Takes this worker's slots and running handlers out of the process's gauges.
+    fn drop(&mut self) {
+        telemetry::concurrency(-(self.config.concurrency as f64));
+        if self.reported_in_flight > 0 {
+            telemetry::in_flight(-(self.reported_in_flight as f64));
+        }
     }
 }
 
@@ -179,7 +200,18 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
             completions: Vec::new(),
             others: VecDeque::new(),
             draining: false,
+            labels: LabelGuard::default(),
+            reported_in_flight: 0,
         })
+        .inspect(|worker| telemetry::concurrency(worker.config.concurrency as f64))
+    }
+
+    /// Folds the `queue` and `kind` label values of the worker's metrics through `labels` (share
+    /// one guard between every component of a process; default: a guard of its own with
+    /// [`LabelGuard::DEFAULT_CAP`]).
+    pub fn with_metric_labels(mut self, labels: LabelGuard) -> Self {
+        self.labels = labels;
+        self
     }
 
     /// Wakes [`Worker::run`] whenever `wake` changes (a counter bumped when jobs may have become
@@ -237,12 +269,17 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
         self.stats.add(counter, n as u64);
     }
 
-    pub(crate) fn sync_gauges(&self) {
+    pub(crate) fn sync_gauges(&mut self) {
         self.stats
             .set_gauges(self.tasks.len(), self.held.len(), self.pending_writes());
+        let in_flight = self.tasks.len();
+        if in_flight != self.reported_in_flight {
+            telemetry::in_flight(in_flight as f64 - self.reported_in_flight as f64);
+            self.reported_in_flight = in_flight;
+        }
     }
 
-    fn report(&self, claimed: usize, before: &Counters) -> StepReport {
+    fn report(&mut self, claimed: usize, before: &Counters) -> StepReport {
         self.sync_gauges();
         StepReport {
             claimed,
@@ -265,8 +302,13 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
                 format!("{what} took longer than {limit:?}").into(),
             )),
         };
+        let failed = result
+            .as_ref()
+            .is_err_and(|err| !matches!(err, StoreError::StaleLease { .. }));
+        let reached = !matches!(result, Err(StoreError::Backend(_)));
+        telemetry::store_call(what, reached, failed);
         if let Err(err) = &result
-            && !matches!(err, StoreError::StaleLease { .. })
+            && failed
         {
             self.count(Counter::db_errors, 1);
             tracing::warn!(worker_id = %self.config.worker_id, error = %err, "store call failed: {what}");
@@ -306,9 +348,14 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
         let lease = LeaseRef::of(&job);
         let cancel = CancellationToken::new();
         let lease_expires_at = job.lease_expires_at.unwrap_or_else(|| self.clock.now());
+        let labels = JobLabels::of(&self.labels, &job);
+        telemetry::claimed(&labels, &job);
         let held = Held {
             kind: job.kind.clone(),
             attempt: job.attempts,
+            labels,
+            started: tokio::time::Instant::now(),
+            run_time: None,
             lease_expires_at,
             cancel: cancel.clone(),
             running: false,
@@ -389,6 +436,7 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
             return;
         };
         held.running = false;
+        held.run_time = Some(held.started.elapsed());
         if held.lost {
             job_event!(
                 info,
@@ -548,7 +596,7 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
                     for ((lease, _), outcome) in batch.iter().zip(outcomes) {
                         match outcome {
                             WriteOutcome::Accepted => self.resolved(*lease, Counter::completed),
-                            WriteOutcome::Stale => self.stale(*lease),
+                            WriteOutcome::Stale => self.stale(*lease, "complete"),
                         }
                     }
                 }
@@ -592,7 +640,13 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
                     };
                     self.resolved(lease, counter);
                 }
-                Err(StoreError::StaleLease { .. }) => self.stale(lease),
+                Err(StoreError::StaleLease { .. }) => {
+                    let operation = match write {
+                        Write::Fail(_) => "fail",
+                        Write::Snooze { .. } => "snooze",
+                    };
+                    self.stale(lease, operation);
+                }
                 Err(StoreError::Backend(_)) => {
                     self.write_failed(lease);
                     self.others.push_front((lease, write));
@@ -613,12 +667,15 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
     fn resolved(&mut self, lease: LeaseRef, counter: Counter) {
         self.count(counter, 1);
         if let Some(held) = self.held.remove(&lease) {
+            telemetry::accepted(&held.labels, counter, held.run_time);
             job_event!(debug, lease, held, outcome = ?counter, "outcome written");
         }
     }
 
-    fn stale(&mut self, lease: LeaseRef) {
+    /// The store refused the lease holder's `operation`: the lease was no longer held.
+    fn stale(&mut self, lease: LeaseRef, operation: &'static str) {
         self.count(Counter::stale_writes_rejected, 1);
+        telemetry::stale(operation);
         if let Some(held) = self.held.remove(&lease) {
             job_event!(
                 warn,
@@ -704,6 +761,7 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
                 }
                 HeartbeatOutcome::Lost => {
                     report.lost += 1;
+                    telemetry::stale("heartbeat");
                     self.lose(lease, "a heartbeat found the lease lost");
                 }
             }
@@ -764,6 +822,7 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
                 .call("rescue", self.store.job_rescue_expired(limit))
                 .await?;
             for job in &jobs {
+                telemetry::rescued(&self.labels, job);
                 tracing::info!(
                     job_id = job.id,
                     kind = %job.kind,

@@ -1,12 +1,13 @@
 //! The HTTP adapter's integration tests: every endpoint and error path through poem's test client
 //! over the in-memory store (with a store wrapper for faults), the OpenAPI document against
-//! `docs/openapi.json`, and PostgreSQL-backed tests over real HTTP.
+//! `docs/openapi.json`, the metrics, and PostgreSQL-backed tests over real HTTP.
 
 mod auth;
 mod common;
 mod errors;
 mod faults;
 mod jobs;
+mod metrics;
 mod openapi;
 mod postgres;
 mod workers;

@@ -1,8 +1,9 @@
 //! The worker runtime's tests: on the in-memory store (step API with a manual clock, the
 //! production loop under paused time), with a mock store for fault injection, and on real
-//! PostgreSQL for the key paths.
+//! PostgreSQL for the key paths; and the metrics the worker records.
 
 mod memory;
+mod metrics;
 mod mock;
 mod postgres;
 mod support;

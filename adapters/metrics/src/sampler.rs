@@ -1,0 +1,166 @@
+//! [`QueueSampler`]: reads `JobStore::queue_stats` on an interval and publishes queue depth, the
+//! age of the oldest ready job, and whether the database answers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use faultline_ports::domain::JobState;
+use faultline_ports::telemetry::{labels, names};
+use faultline_ports::{
+    Clock, JobStore, LabelGuard, QueueStats, StoreError, StoreResult, SystemClock,
+};
+use metrics::{counter, gauge};
+use tokio_util::sync::CancellationToken;
+
+/// The store operation name of the sampler's call (the `operation` label of its errors).
+const OPERATION: &str = "queue_stats";
+
+/// Samples queue depth from the store. Publishes, per queue (label folded by the [`LabelGuard`]):
+/// `faultline_queue_depth{queue,state}` for every state and
+/// `faultline_queue_oldest_ready_age_seconds{queue}` (0 when no job is waiting), plus
+/// `faultline_db_up` and, on failure, `faultline_db_errors_total{operation="queue_stats"}`.
+///
+/// Queues folded into one label value are summed (depth) or take the oldest (age). A queue that
+/// disappears (its last job was pruned) is set to 0 instead of keeping its last value.
+pub struct QueueSampler {
+    store: Arc<dyn JobStore>,
+    clock: Arc<dyn Clock>,
+    labels: LabelGuard,
+    interval: Duration,
+    timeout: Duration,
+    /// Queue label values published by the previous sample.
+    published: BTreeSet<String>,
+}
+
+impl std::fmt::Debug for QueueSampler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueSampler")
+            .field("labels", &self.labels)
+            .field("interval", &self.interval)
+            .field("timeout", &self.timeout)
+            .field("published", &self.published.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl QueueSampler {
+    /// Default interval between samples.
+    pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(15);
+    /// Default limit of one `queue_stats` call; a call that takes longer counts as failed.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// A sampler of `store`, with the system clock, [`Self::DEFAULT_INTERVAL`] and
+    /// [`Self::DEFAULT_TIMEOUT`].
+    pub fn new<S: JobStore>(store: Arc<S>, labels: LabelGuard) -> Self {
+        QueueSampler {
+            store,
+            clock: Arc::new(SystemClock),
+            labels,
+            interval: Self::DEFAULT_INTERVAL,
+            timeout: Self::DEFAULT_TIMEOUT,
+            published: BTreeSet::new(),
+        }
+    }
+
+    /// Measures ages against `clock` instead of the system clock.
+    pub fn with_clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Samples every `interval` (must be above zero).
+    pub fn with_interval(mut self, interval: Duration) -> Self {
+        self.interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Gives up on a `queue_stats` call after `timeout`.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Samples once, at once, and publishes the gauges. On failure sets `faultline_db_up` to 0,
+    /// counts the error and returns it; the depth gauges keep their last values.
+    pub async fn sample_once(&mut self) -> StoreResult<()> {
+        let result = match tokio::time::timeout(self.timeout, self.store.queue_stats()).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Backend(
+                format!("queue_stats took longer than {:?}", self.timeout).into(),
+            )),
+        };
+        match result {
+            Ok(stats) => {
+                gauge!(names::DB_UP).set(1.0);
+                self.publish(&stats, self.clock.now());
+                Ok(())
+            }
+            Err(err) => {
+                gauge!(names::DB_UP).set(0.0);
+                counter!(names::DB_ERRORS_TOTAL, labels::OPERATION => OPERATION).increment(1);
+                tracing::warn!(error = %err, "sampling queue depth failed");
+                Err(err)
+            }
+        }
+    }
+
+    fn publish(&mut self, stats: &[QueueStats], now: DateTime<Utc>) {
+        #[derive(Default)]
+        struct Folded {
+            counts: [i64; JobState::ALL.len()],
+            oldest: Option<DateTime<Utc>>,
+        }
+        let mut folded: BTreeMap<String, Folded> = BTreeMap::new();
+        for queue in stats {
+            let entry = folded.entry(self.labels.queue(&queue.queue)).or_default();
+            for (slot, state) in entry.counts.iter_mut().zip(JobState::ALL) {
+                *slot += queue.count(state);
+            }
+            entry.oldest = match (entry.oldest, queue.oldest_ready_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        for (queue, entry) in &folded {
+            for (count, state) in entry.counts.iter().zip(JobState::ALL) {
+                gauge!(names::QUEUE_DEPTH, labels::QUEUE => queue.clone(), labels::STATE => state.as_str())
+                    .set(*count as f64);
+            }
+            let age = entry
+                .oldest
+                .map_or(0.0, |oldest| seconds(now - oldest).max(0.0));
+            gauge!(names::QUEUE_OLDEST_READY_AGE_SECONDS, labels::QUEUE => queue.clone()).set(age);
+        }
+        for gone in self.published.difference(&folded.keys().cloned().collect()) {
+            for state in JobState::ALL {
+                gauge!(names::QUEUE_DEPTH, labels::QUEUE => gone.clone(), labels::STATE => state.as_str())
+                    .set(0.0);
+            }
+            gauge!(names::QUEUE_OLDEST_READY_AGE_SECONDS, labels::QUEUE => gone.clone()).set(0.0);
+        }
+        self.published = folded.into_keys().collect();
+    }
+
+    /// Samples at once and then every interval until `shutdown` fires. Failures are logged and
+    /// counted; sampling goes on.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut ticks = tokio::time::interval(self.interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = ticks.tick() => {
+                    let _ = self.sample_once().await;
+                }
+            }
+        }
+    }
+}
+
+fn seconds(delta: chrono::TimeDelta) -> f64 {
+    delta
+        .num_microseconds()
+        .map_or(delta.num_seconds() as f64, |us| us as f64 / 1e6)
+}

@@ -1,0 +1,277 @@
+//! The queue-depth sampler: gauges equal the store's counts, folded queues add up, vanished
+//! queues drop to zero, ages follow the clock, and failures show as `faultline_db_up` 0 and a
+//! counted error.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use faultline_memory::MemoryStore;
+use faultline_metrics::testing::{Exposition, LocalMetrics};
+use faultline_metrics::{LabelGuard, QueueSampler, names};
+use faultline_ports::domain::{JobSpec, JobState};
+use faultline_ports::{
+    ClaimParams, Failure, JobStore, LeaseRef, ListParams, ManualClock, MockJobStore, PruneParams,
+    StoreError,
+};
+use faultline_postgres::PgStore;
+use faultline_tests::TestDb;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
+}
+
+fn spec(queue: &str) -> JobSpec {
+    JobSpec {
+        queue: queue.into(),
+        ..JobSpec::new("k", json!({}))
+    }
+}
+
+fn claim(queue: &str, limit: u32) -> ClaimParams {
+    ClaimParams {
+        queues: vec![queue.into()],
+        kinds: vec![],
+        limit,
+        lease_ms: 60_000,
+        worker_id: "w".into(),
+    }
+}
+
+fn depth(m: &Exposition, queue: &str, state: JobState) -> f64 {
+    m.value(
+        names::QUEUE_DEPTH,
+        &[("queue", queue), ("state", state.as_str())],
+    )
+}
+
+fn age(m: &Exposition, queue: &str) -> f64 {
+    m.value(names::QUEUE_OLDEST_READY_AGE_SECONDS, &[("queue", queue)])
+}
+
+/// Puts jobs of `queue` in every state: 1 succeeded, 1 failed, 1 cancelled, `running` running,
+/// and 2 queued (one due since `t0`, one scheduled in an hour).
+async fn populate(store: &impl JobStore, queue: &str, running: u32) {
+    for _ in 0..3 + running {
+        store.job_enqueue(&spec(queue)).await.unwrap();
+    }
+    let mut jobs = store.job_claim(&claim(queue, 3 + running)).await.unwrap();
+    let fail = Failure {
+        error: "e".into(),
+        retryable: false,
+        retry_delay_ms: None,
+    };
+    store
+        .job_complete(LeaseRef::of(&jobs.remove(0)), None)
+        .await
+        .unwrap();
+    store
+        .job_fail(LeaseRef::of(&jobs.remove(0)), &fail)
+        .await
+        .unwrap();
+    let cancelled = store.job_cancel(jobs[0].id).await.unwrap();
+    assert!(cancelled.cancel_requested);
+    let retry = Failure {
+        retryable: true,
+        ..fail.clone()
+    };
+    let ended = store
+        .job_fail(LeaseRef::of(&jobs.remove(0)), &retry)
+        .await
+        .unwrap();
+    assert_eq!(ended.state, JobState::Cancelled);
+    store.job_enqueue(&spec(queue)).await.unwrap();
+    store
+        .job_enqueue(&JobSpec {
+            run_at: Some(t0() + chrono::TimeDelta::hours(1)),
+            ..spec(queue)
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn depth_and_age_follow_the_store_and_folded_queues_add_up() {
+    let metrics = LocalMetrics::new();
+    let _recording = metrics.enter();
+    let clock = ManualClock::new(t0());
+    let store = Arc::new(MemoryStore::new(Arc::new(clock.clone())));
+    populate(&*store, "a", 2).await;
+    populate(&*store, "b", 1).await;
+    populate(&*store, "c", 0).await;
+    clock.advance_ms(90_000);
+    let mut sampler =
+        QueueSampler::new(store.clone(), LabelGuard::new(1)).with_clock(clock.clone());
+    sampler.sample_once().await.unwrap();
+
+    let m = metrics.scrape();
+    assert_eq!(m.value(names::DB_UP, &[]), 1.0);
+    assert_eq!(
+        m.label_values(names::QUEUE_DEPTH, "queue"),
+        vec!["a", "other"]
+    );
+    let expected = [
+        (JobState::Queued, 2.0, 4.0),
+        (JobState::Running, 2.0, 1.0),
+        (JobState::Succeeded, 1.0, 2.0),
+        (JobState::Failed, 1.0, 2.0),
+        (JobState::Cancelled, 1.0, 2.0),
+    ];
+    for (state, a, other) in expected {
+        assert_eq!(depth(&m, "a", state), a, "a {state}");
+        assert_eq!(depth(&m, "other", state), other, "other {state}");
+    }
+    // The due job of each queue has waited 90 s; the scheduled one is not ready.
+    assert_eq!(age(&m, "a"), 90.0);
+    assert_eq!(age(&m, "other"), 90.0);
+
+    // Claiming the due jobs ends their wait.
+    store.job_claim(&claim("a", 10)).await.unwrap();
+    sampler.sample_once().await.unwrap();
+    let m = metrics.scrape();
+    assert_eq!(age(&m, "a"), 0.0);
+    assert_eq!(depth(&m, "a", JobState::Running), 3.0);
+    assert_eq!(depth(&m, "a", JobState::Queued), 1.0, "the scheduled job");
+}
+
+#[tokio::test]
+async fn a_queue_that_disappears_drops_to_zero() {
+    let metrics = LocalMetrics::new();
+    let _recording = metrics.enter();
+    let clock = ManualClock::new(t0());
+    let store = Arc::new(MemoryStore::new(Arc::new(clock.clone())));
+    store.job_enqueue(&spec("gone")).await.unwrap();
+    store.job_enqueue(&spec("stays")).await.unwrap();
+    let job = store.job_claim(&claim("gone", 1)).await.unwrap().remove(0);
+    store.job_complete(LeaseRef::of(&job), None).await.unwrap();
+    let mut sampler =
+        QueueSampler::new(store.clone(), LabelGuard::default()).with_clock(clock.clone());
+    sampler.sample_once().await.unwrap();
+    assert_eq!(depth(&metrics.scrape(), "gone", JobState::Succeeded), 1.0);
+
+    // Its last job is pruned: the queue is gone from the store's statistics.
+    clock.advance_ms(10);
+    let pruned = store
+        .job_prune(&PruneParams {
+            succeeded_retention_ms: 1,
+            failed_retention_ms: 1,
+            cancelled_retention_ms: 1,
+            limit: 10,
+        })
+        .await
+        .unwrap();
+    assert_eq!(pruned, 1);
+    sampler.sample_once().await.unwrap();
+    let m = metrics.scrape();
+    for state in JobState::ALL {
+        assert_eq!(depth(&m, "gone", state), 0.0, "{state}");
+    }
+    assert_eq!(age(&m, "gone"), 0.0);
+    assert_eq!(depth(&m, "stays", JobState::Queued), 1.0);
+    assert_eq!(age(&m, "stays"), 0.01);
+}
+
+#[tokio::test]
+async fn a_failing_store_sets_db_up_to_zero_and_counts_the_error() {
+    let metrics = LocalMetrics::new();
+    let _recording = metrics.enter();
+    let mut store = MockJobStore::new();
+    let mut calls = 0;
+    store.expect_queue_stats().returning(move || {
+        calls += 1;
+        match calls {
+            1 => Ok(vec![]),
+            2 => Err(StoreError::Backend("connection refused".into())),
+            _ => Ok(vec![]),
+        }
+    });
+    let mut sampler = QueueSampler::new(Arc::new(store), LabelGuard::default());
+    sampler.sample_once().await.unwrap();
+    assert_eq!(metrics.scrape().value(names::DB_UP, &[]), 1.0);
+
+    assert!(sampler.sample_once().await.is_err());
+    let m = metrics.scrape();
+    assert_eq!(m.value(names::DB_UP, &[]), 0.0);
+    assert_eq!(
+        m.value(names::DB_ERRORS_TOTAL, &[("operation", "queue_stats")]),
+        1.0
+    );
+
+    sampler.sample_once().await.unwrap();
+    let m = metrics.scrape();
+    assert_eq!(m.value(names::DB_UP, &[]), 1.0);
+    assert_eq!(m.value(names::DB_ERRORS_TOTAL, &[]), 1.0);
+}
+
+#[tokio::test]
+async fn run_samples_at_once_and_stops_on_shutdown() {
+    let metrics = LocalMetrics::new();
+    let _recording = metrics.enter();
+    let clock = ManualClock::new(t0());
+    let store = Arc::new(MemoryStore::new(Arc::new(clock.clone())));
+    store.job_enqueue(&spec("r")).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(
+        QueueSampler::new(store, LabelGuard::default())
+            .with_clock(clock)
+            .with_interval(Duration::from_secs(3_600))
+            .run(shutdown.clone()),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while depth(&metrics.scrape(), "r", JobState::Queued) != 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no sample within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the sampler stops on shutdown")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn pg_depth_gauges_match_the_database() {
+    let metrics = LocalMetrics::new();
+    let _recording = metrics.enter();
+    let db = TestDb::fresh().await;
+    let clock = ManualClock::new(t0());
+    let store = Arc::new(PgStore::with_clock(
+        db.pool().clone(),
+        Arc::new(clock.clone()),
+    ));
+    populate(&*store, "alpha", 2).await;
+    populate(&*store, "beta", 0).await;
+    clock.advance_ms(30_000);
+    let mut sampler =
+        QueueSampler::new(store.clone(), LabelGuard::default()).with_clock(clock.clone());
+    sampler.sample_once().await.unwrap();
+
+    let m = metrics.scrape();
+    // Count every state of every queue independently of queue_stats, through the job list.
+    for queue in ["alpha", "beta"] {
+        for state in JobState::ALL {
+            let page = store
+                .job_list(&ListParams {
+                    queue: Some(queue.into()),
+                    state: Some(state),
+                    limit: 1_000,
+                    ..ListParams::default()
+                })
+                .await
+                .unwrap();
+            assert_eq!(
+                depth(&m, queue, state),
+                page.jobs.len() as f64,
+                "{queue} {state}"
+            );
+        }
+        assert_eq!(age(&m, queue), 30.0, "{queue}");
+    }
+    assert_eq!(depth(&m, "alpha", JobState::Running), 2.0);
+    assert_eq!(m.value(names::DB_UP, &[]), 1.0);
+}
