@@ -20,7 +20,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use store::MockJobStore;
 pub use store::{
     ClaimParams, EnqueueOutcome, Enqueued, Failure, HeartbeatOutcome, JobPage, JobStore, LeaseRef,
-    ListParams, PruneParams, QueueStats, StoreError, StoreResult, WriteOutcome,
+    ListParams, PruneParams, QueueBacklog, QueueStats, StoreError, StoreResult, WriteOutcome,
 };
 
 pub use telemetry::LabelGuard;

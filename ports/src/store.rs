@@ -159,6 +159,24 @@ impl QueueStats {
     }
 }
 
+/// The unfinished backlog of one queue: what [`JobStore::queue_backlog`] reports.
+///
+/// Only `queued` and `running` jobs count; finished jobs (`succeeded`, `failed`, `cancelled`)
+/// are history, not backlog, and are never read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueBacklog {
+    /// The queue.
+    pub queue: String,
+    /// Jobs in state `queued`, due or scheduled.
+    pub queued: i64,
+    /// Of the `queued` jobs, those due now (`next_run_at <= now`): ready to be claimed.
+    pub ready: i64,
+    /// Jobs in state `running` (leased).
+    pub running: i64,
+    /// `next_run_at` of the oldest queued job that is due, if any.
+    pub oldest_ready_at: Option<DateTime<Utc>>,
+}
+
 /// How long finished jobs are kept before [`JobStore::job_prune`] deletes them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PruneParams {
@@ -290,6 +308,13 @@ pub trait JobStore: Send + Sync + 'static {
 
     /// Counts by state and the oldest due job, per queue that has any job, sorted by queue.
     async fn queue_stats(&self) -> StoreResult<Vec<QueueStats>>;
+
+    /// The backlog per queue that has any `queued` or `running` job, sorted by queue (byte
+    /// order): queued, ready (due now) and running counts and the oldest due job. Cheap enough
+    /// to sample periodically: it reads only unfinished jobs, never the finished history (the
+    /// Postgres adapter answers from its partial claim and rescue indexes), unlike
+    /// [`JobStore::queue_stats`], which counts every job.
+    async fn queue_backlog(&self) -> StoreResult<Vec<QueueBacklog>>;
 
     /// Deletes up to `limit` finished jobs whose `finished_at` is strictly older than now minus
     /// their state's retention, oldest first; returns how many. Their idempotency keys are free

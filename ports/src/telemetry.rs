@@ -35,7 +35,9 @@ pub mod names {
     pub const JOBS_RECOVERED_TOTAL: &str = "faultline_jobs_recovered_total";
     /// Counter `{operation}`: lease-holder writes refused because the lease was no longer held.
     pub const STALE_WRITES_REJECTED_TOTAL: &str = "faultline_stale_writes_rejected_total";
-    /// Gauge `{queue,state}`: jobs per queue and state, sampled from the store.
+    /// Gauge `{queue,state}`: the backlog, jobs per queue in state `queued` or `running`, sampled
+    /// from the store (`JobStore::queue_backlog`). Terminal states are history, not depth: no
+    /// series.
     pub const QUEUE_DEPTH: &str = "faultline_queue_depth";
     /// Gauge `{queue}`: age of the oldest job that is due but not claimed (0 when none).
     pub const QUEUE_OLDEST_READY_AGE_SECONDS: &str = "faultline_queue_oldest_ready_age_seconds";

@@ -18,8 +18,8 @@ use faultline_domain::{Event, EventKind, Job, JobSpec, JobState, Limits, RetryPo
 use faultline_memory::MemoryStore;
 use faultline_ports::{
     ClaimParams, Clock, EnqueueOutcome, Failure, HeartbeatOutcome, JobStore, LeaseRef, ListParams,
-    MAX_CLAIM_LIMIT, MAX_PAGE_SIZE, ManualClock, PruneParams, StoreError, StoreResult,
-    WriteOutcome,
+    MAX_CLAIM_LIMIT, MAX_PAGE_SIZE, ManualClock, PruneParams, QueueBacklog, StoreError,
+    StoreResult, WriteOutcome,
 };
 use faultline_postgres::PgStore;
 use serde_json::{Value, json};
@@ -71,6 +71,7 @@ macro_rules! contract_suite {
             rescue_respects_its_limit,
             list_filters_and_paginates_without_gaps_or_duplicates,
             queue_stats_count_states_and_the_oldest_ready_job,
+            queue_backlog_counts_unfinished_jobs_and_the_oldest_ready_job,
             prune_deletes_only_finished_jobs_past_their_retention,
             prune_respects_its_limit_and_frees_idempotency_keys,
         );
@@ -2586,6 +2587,129 @@ pub async fn queue_stats_count_states_and_the_oldest_ready_job(f: Fixture) {
     let stats = f.store.queue_stats().await.expect("stats");
     assert_eq!(stats[2].oldest_ready_at, Some(b_future.next_run_at));
     assert_eq!(stats[1].oldest_ready_at, Some(now - ms(2_000)));
+}
+
+/// The backlog [`JobStore::queue_backlog`] must report at `now`, computed from every job.
+pub fn expected_backlog<'a>(
+    jobs: impl IntoIterator<Item = &'a Job>,
+    now: DateTime<Utc>,
+) -> Vec<QueueBacklog> {
+    let mut per_queue = std::collections::BTreeMap::<String, QueueBacklog>::new();
+    for job in jobs {
+        if !matches!(job.state, JobState::Queued | JobState::Running) {
+            continue;
+        }
+        let b = per_queue
+            .entry(job.queue.clone())
+            .or_insert_with(|| QueueBacklog {
+                queue: job.queue.clone(),
+                queued: 0,
+                ready: 0,
+                running: 0,
+                oldest_ready_at: None,
+            });
+        if job.state == JobState::Running {
+            b.running += 1;
+        } else {
+            b.queued += 1;
+            if job.next_run_at <= now {
+                b.ready += 1;
+                b.oldest_ready_at = Some(
+                    b.oldest_ready_at
+                        .map_or(job.next_run_at, |at| at.min(job.next_run_at)),
+                );
+            }
+        }
+    }
+    per_queue.into_values().collect()
+}
+
+/// Per queue with a queued or running job, sorted by queue (bytes): queued, ready and running
+/// counts and the oldest due queued job; finished jobs are not backlog, and a queue with only
+/// finished jobs is absent.
+pub async fn queue_backlog_counts_unfinished_jobs_and_the_oldest_ready_job(f: Fixture) {
+    assert_eq!(f.store.queue_backlog().await.expect("backlog"), vec![]);
+    let now = f.now();
+    let at = |queue: &str, offset_ms: i64, priority: i16| JobSpec {
+        run_at: Some(now + ms(offset_ms)),
+        priority,
+        ..spec(queue)
+    };
+    // Queue "done": only finished jobs, so it has no backlog at all.
+    let done = f.enqueue(&at("done", 0, 0)).await;
+    let done = f.claim_job(&done, LEASE_MS).await;
+    f.store
+        .job_complete(LeaseRef::of(&done), None)
+        .await
+        .expect("complete");
+    f.store
+        .job_cancel(f.enqueue(&at("done", -1_000, 0)).await.id)
+        .await
+        .expect("cancel");
+    // Queue "run": only running jobs, one of them with a cancel requested (still running).
+    for _ in 0..2 {
+        f.enqueue(&at("run", -5_000, 0)).await;
+    }
+    let running = f.claim(&params(&["run"], 2, LEASE_MS)).await;
+    assert_eq!(running.len(), 2);
+    f.store.job_cancel(running[0].id).await.expect("cancel");
+    // Queue "a": running, finished, due and future queued jobs; the oldest due job has the
+    // lowest claim priority, so it is not the first in claim order.
+    for _ in 0..3 {
+        f.enqueue(&at("a", -60_000, 0)).await;
+    }
+    let claimed = f.claim(&params(&["a"], 3, LEASE_MS)).await;
+    assert_eq!(claimed.len(), 3);
+    f.store
+        .job_fail(LeaseRef::of(&claimed[0]), &failure("e", false, None))
+        .await
+        .expect("fail");
+    f.store
+        .job_fail(LeaseRef::of(&claimed[1]), &failure("e", true, Some(3_000)))
+        .await
+        .expect("retry");
+    f.enqueue(&at("a", -1_000, 0)).await;
+    f.enqueue(&at("a", -7_000, 5)).await;
+    f.enqueue(&at("a", 0, 0)).await;
+    f.enqueue(&at("a", 10_000, 0)).await;
+    // Queue "B": sorted by bytes, it comes first whatever the database's collation; only future.
+    let upper = f.enqueue(&at("B", 2_000, 0)).await;
+
+    let backlog = f.store.queue_backlog().await.expect("backlog");
+    let entry = |queue: &str, queued, ready, running, oldest| QueueBacklog {
+        queue: queue.into(),
+        queued,
+        ready,
+        running,
+        oldest_ready_at: oldest,
+    };
+    assert_eq!(
+        backlog,
+        vec![
+            entry("B", 1, 0, 0, None),
+            // the retry (due in 3 s) + 4 enqueued, 3 of them due; 1 running (claimed[2])
+            entry("a", 5, 3, 1, Some(now - ms(7_000))),
+            entry("run", 0, 0, 2, None),
+        ]
+    );
+    assert_eq!(backlog, expected_backlog(&f.all_jobs().await, now));
+
+    // Time passes: the retry and "B" become due; a claim and a rescue move jobs around.
+    f.advance(3_000);
+    let later = f.now();
+    let backlog = f.store.queue_backlog().await.expect("backlog");
+    assert_eq!(backlog[0], entry("B", 1, 1, 0, Some(upper.next_run_at)));
+    assert_eq!(backlog[1], entry("a", 5, 4, 1, Some(now - ms(7_000))));
+    assert_eq!(backlog, expected_backlog(&f.all_jobs().await, later));
+    assert_eq!(f.claim(&params(&["B", "a"], 2, LEASE_MS)).await.len(), 2);
+    f.advance(LEASE_MS);
+    f.store.job_rescue_expired(100).await.expect("rescue");
+    let backlog = f.store.queue_backlog().await.expect("backlog");
+    assert_eq!(backlog, expected_backlog(&f.all_jobs().await, f.now()));
+    assert!(
+        backlog.iter().all(|b| b.running == 0),
+        "every lease expired: {backlog:?}"
+    );
 }
 
 async fn remaining_ids(f: &Fixture) -> BTreeSet<i64> {

@@ -627,6 +627,17 @@ async fn compare_all(store: &dyn JobStore, model: &Model) -> Result<(), String> 
             "queue_stats differ:\n  store: {stats:?}\n  model: {want:?}"
         ));
     }
+
+    let backlog = store
+        .queue_backlog()
+        .await
+        .map_err(|e| format!("queue_backlog failed: {e}"))?;
+    let want = crate::contract::expected_backlog(model.jobs.values(), model.now);
+    if backlog != want {
+        return Err(format!(
+            "queue_backlog differs:\n  store: {backlog:?}\n  model: {want:?}"
+        ));
+    }
     Ok(())
 }
 

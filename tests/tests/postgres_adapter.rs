@@ -398,6 +398,93 @@ async fn fenced_batch_updates_look_jobs_up_by_primary_key_under_many_running_job
     );
 }
 
+/// The backlog sample reads only the partial claim and rescue indexes, never the finished
+/// history, however much of it the table holds; and it still counts right.
+#[tokio::test]
+async fn queue_backlog_reads_only_the_claim_and_rescue_indexes_under_a_large_history() {
+    let db = TestDb::fresh().await;
+    let pool = db.pool();
+    let store = PgStore::new(pool.clone());
+    // A large history of finished jobs in every terminal state: a seq scan would read them all.
+    sqlx::query(
+        "insert into faultline_jobs (queue, kind, payload, state, attempts, finished_at)
+         select 'q' || (i % 7), 'test', '{}',
+             (array['succeeded', 'failed', 'cancelled'])[1 + i % 3], 1, now()
+         from generate_series(1, 50000) as i",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    // A small backlog: 300 queued (half of them due), 40 of them then claimed.
+    for queue in ["q1", "q2", "q3"] {
+        let specs: Vec<JobSpec> = (0..100)
+            .map(|i| JobSpec {
+                run_at: (i % 2 == 0).then(|| chrono::Utc::now() + chrono::TimeDelta::hours(1)),
+                ..spec(queue)
+            })
+            .collect();
+        store.job_enqueue_many(&specs).await.unwrap();
+    }
+    for (queue, n) in [("q1", 30), ("q2", 10)] {
+        let claimed = store
+            .job_claim(&ClaimParams {
+                queues: vec![queue.into()],
+                kinds: vec![],
+                limit: n,
+                lease_ms: 60_000,
+                worker_id: "w".into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), n as usize);
+    }
+    sqlx::query("vacuum analyze faultline_jobs")
+        .execute(pool)
+        .await
+        .unwrap();
+
+    let no_clock = None::<chrono::DateTime<chrono::Utc>>;
+    let nodes = plan(
+        pool,
+        explain(faultline_postgres::sql::QUEUE_BACKLOG).bind(no_clock),
+    )
+    .await;
+    assert!(
+        !nodes.iter().any(|n| n.starts_with("Seq Scan")),
+        "the backlog sample scans the whole table: {nodes:?}"
+    );
+    // Every index the plan reads is one of the two partial indexes, and both are read.
+    let indexes: Vec<&str> = nodes
+        .iter()
+        .filter_map(|n| n.split_once(" on ").map(|(_, index)| index))
+        .collect();
+    assert!(
+        indexes.contains(&"faultline_jobs_claim_idx"),
+        "queued: {nodes:?}"
+    );
+    assert!(
+        indexes.contains(&"faultline_jobs_rescue_idx"),
+        "running: {nodes:?}"
+    );
+    assert!(
+        indexes
+            .iter()
+            .all(|i| *i == "faultline_jobs_claim_idx" || *i == "faultline_jobs_rescue_idx"),
+        "only the partial claim and rescue indexes: {nodes:?}"
+    );
+
+    let backlog = store.queue_backlog().await.unwrap();
+    let got: Vec<(&str, i64, i64, i64)> = backlog
+        .iter()
+        .map(|b| (b.queue.as_str(), b.queued, b.ready, b.running))
+        .collect();
+    assert_eq!(
+        got,
+        [("q1", 70, 20, 30), ("q2", 90, 40, 10), ("q3", 100, 50, 0)]
+    );
+    assert!(backlog.iter().all(|b| b.oldest_ready_at.is_some()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_batches_with_shared_keys_in_opposite_orders_do_not_deadlock() {
     let db = TestDb::fresh().await;

@@ -4,7 +4,7 @@
 use faultline_ports::domain::{Job, JobSpec};
 use faultline_ports::{
     ClaimParams, EnqueueOutcome, Enqueued, Failure, HeartbeatOutcome, JobPage, JobStore, LeaseRef,
-    ListParams, PruneParams, QueueStats, StoreError, StoreResult, WriteOutcome,
+    ListParams, PruneParams, QueueBacklog, QueueStats, StoreError, StoreResult, WriteOutcome,
 };
 use serde_json::Value;
 
@@ -66,6 +66,9 @@ impl JobStore for SpecOnlyStore {
         absent()
     }
     async fn queue_stats(&self) -> StoreResult<Vec<QueueStats>> {
+        absent()
+    }
+    async fn queue_backlog(&self) -> StoreResult<Vec<QueueBacklog>> {
         absent()
     }
     async fn job_prune(&self, _: &PruneParams) -> StoreResult<u64> {

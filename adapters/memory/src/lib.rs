@@ -18,7 +18,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use faultline_ports::domain::{Job, JobSpec};
 use faultline_ports::{
     ClaimParams, Clock, EnqueueOutcome, Enqueued, Failure, HeartbeatOutcome, JobPage, JobStore,
-    LeaseRef, ListParams, PruneParams, QueueStats, StoreResult, SystemClock, WriteOutcome,
+    LeaseRef, ListParams, PruneParams, QueueBacklog, QueueStats, StoreResult, SystemClock,
+    WriteOutcome,
 };
 use serde_json::Value;
 use tokio::sync::watch;
@@ -186,6 +187,11 @@ impl JobStore for MemoryStore {
     async fn queue_stats(&self) -> StoreResult<Vec<QueueStats>> {
         let now = self.now();
         Ok(self.state().queue_stats(now))
+    }
+
+    async fn queue_backlog(&self) -> StoreResult<Vec<QueueBacklog>> {
+        let now = self.now();
+        self.state().queue_backlog(now)
     }
 
     async fn job_prune(&self, params: &PruneParams) -> StoreResult<u64> {

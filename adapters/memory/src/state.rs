@@ -9,7 +9,7 @@ use chrono::{DateTime, SubsecRound, Utc};
 use faultline_ports::domain::{Event, Job, JobSpec, JobState, Limits, TransitionError};
 use faultline_ports::{
     ClaimParams, EnqueueOutcome, Failure, HeartbeatOutcome, JobPage, LeaseRef, ListParams,
-    PruneParams, QueueStats, StoreError, StoreResult, WriteOutcome,
+    PruneParams, QueueBacklog, QueueStats, StoreError, StoreResult, WriteOutcome,
 };
 use serde_json::Value;
 
@@ -527,6 +527,46 @@ impl State {
                 oldest_ready_at,
             })
             .collect()
+    }
+
+    /// The backlog per queue, from the claim and lease indexes only (as the Postgres adapter reads
+    /// only its partial indexes): finished jobs are never visited.
+    pub(crate) fn queue_backlog(&self, now: DateTime<Utc>) -> StoreResult<Vec<QueueBacklog>> {
+        fn slot<'a>(
+            per_queue: &'a mut BTreeMap<String, QueueBacklog>,
+            queue: &str,
+        ) -> &'a mut QueueBacklog {
+            per_queue
+                .entry(queue.to_owned())
+                .or_insert_with(|| QueueBacklog {
+                    queue: queue.to_owned(),
+                    queued: 0,
+                    ready: 0,
+                    running: 0,
+                    oldest_ready_at: None,
+                })
+        }
+        let mut per_queue = BTreeMap::new();
+        for (queue, set) in &self.index.ready {
+            let backlog = slot(&mut per_queue, queue);
+            backlog.queued += set.len() as i64;
+            for &(_, next_run_at, _) in set.iter().filter(|(_, at, _)| *at <= now) {
+                backlog.ready += 1;
+                backlog.oldest_ready_at = Some(
+                    backlog
+                        .oldest_ready_at
+                        .map_or(next_run_at, |at| at.min(next_run_at)),
+                );
+            }
+        }
+        for &(_, id) in &self.index.leases {
+            let stored = self
+                .jobs
+                .get(&id)
+                .ok_or_else(|| internal(id, "indexed but missing"))?;
+            slot(&mut per_queue, &stored.job.queue).running += 1;
+        }
+        Ok(per_queue.into_values().collect())
     }
 
     /// Deletes up to `limit` finished jobs past their state's retention, oldest finish first.

@@ -77,7 +77,7 @@ pub(crate) const METRICS: &[(&str, Type, Unit, &str)] = &[
         names::QUEUE_DEPTH,
         Type::Gauge,
         Unit::Count,
-        "Jobs per queue and state, sampled from the database.",
+        "Unfinished jobs per queue and state (queued, running), sampled from the database.",
     ),
     (
         names::QUEUE_OLDEST_READY_AGE_SECONDS,

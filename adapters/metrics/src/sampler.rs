@@ -1,5 +1,10 @@
-//! [`QueueSampler`]: reads `JobStore::queue_stats` on an interval and publishes queue depth, the
+//! [`QueueSampler`]: reads `JobStore::queue_backlog` on an interval and publishes queue depth, the
 //! age of the oldest ready job, and whether the database answers.
+//!
+//! It samples the backlog, never the finished history: `queue_backlog` reads only `queued` and
+//! `running` jobs (in Postgres, only the partial claim and rescue indexes), so a sample costs what
+//! the backlog costs however many finished jobs the table keeps. For counts of every state, ask
+//! `JobStore::queue_stats` on demand (the HTTP API's `GET /v1/queues`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -9,21 +14,27 @@ use chrono::{DateTime, Utc};
 use faultline_ports::domain::JobState;
 use faultline_ports::telemetry::{labels, names};
 use faultline_ports::{
-    Clock, JobStore, LabelGuard, QueueStats, StoreError, StoreResult, SystemClock,
+    Clock, JobStore, LabelGuard, QueueBacklog, StoreError, StoreResult, SystemClock,
 };
 use metrics::{counter, gauge};
 use tokio_util::sync::CancellationToken;
 
 /// The store operation name of the sampler's call (the `operation` label of its errors).
-const OPERATION: &str = "queue_stats";
+const OPERATION: &str = "queue_backlog";
 
-/// Samples queue depth from the store. Publishes, per queue (label folded by the [`LabelGuard`]):
-/// `faultline_queue_depth{queue,state}` for every state and
-/// `faultline_queue_oldest_ready_age_seconds{queue}` (0 when no job is waiting), plus
-/// `faultline_db_up` and, on failure, `faultline_db_errors_total{operation="queue_stats"}`.
+/// The states whose depth is published: the backlog. Terminal states (`succeeded`, `failed`,
+/// `cancelled`) are history, not depth, and get no gauge (counting them would read every finished
+/// job; their rates are `faultline_jobs_finished_total`).
+const DEPTH_STATES: [JobState; 2] = [JobState::Queued, JobState::Running];
+
+/// Samples queue depth from the store ([`JobStore::queue_backlog`]). Publishes, per queue (label
+/// folded by the [`LabelGuard`]): `faultline_queue_depth{queue,state}` for the states `queued`
+/// and `running` only, and `faultline_queue_oldest_ready_age_seconds{queue}` (0 when no job is
+/// waiting), plus `faultline_db_up` and, on failure,
+/// `faultline_db_errors_total{operation="queue_backlog"}`.
 ///
 /// Queues folded into one label value are summed (depth) or take the oldest (age). A queue that
-/// disappears (its last job was pruned) is set to 0 instead of keeping its last value.
+/// disappears (its last queued or running job finished) is set to 0 instead of keeping its last value.
 pub struct QueueSampler {
     store: Arc<dyn JobStore>,
     clock: Arc<dyn Clock>,
@@ -48,7 +59,7 @@ impl std::fmt::Debug for QueueSampler {
 impl QueueSampler {
     /// Default interval between samples.
     pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(15);
-    /// Default limit of one `queue_stats` call; a call that takes longer counts as failed.
+    /// Default limit of one `queue_backlog` call; a call that takes longer counts as failed.
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
     /// A sampler of `store`, with the system clock, [`Self::DEFAULT_INTERVAL`] and
@@ -76,7 +87,7 @@ impl QueueSampler {
         self
     }
 
-    /// Gives up on a `queue_stats` call after `timeout`.
+    /// Gives up on a `queue_backlog` call after `timeout`.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -85,16 +96,16 @@ impl QueueSampler {
     /// Samples once, at once, and publishes the gauges. On failure sets `faultline_db_up` to 0,
     /// counts the error and returns it; the depth gauges keep their last values.
     pub async fn sample_once(&mut self) -> StoreResult<()> {
-        let result = match tokio::time::timeout(self.timeout, self.store.queue_stats()).await {
+        let result = match tokio::time::timeout(self.timeout, self.store.queue_backlog()).await {
             Ok(result) => result,
             Err(_) => Err(StoreError::Backend(
-                format!("queue_stats took longer than {:?}", self.timeout).into(),
+                format!("queue_backlog took longer than {:?}", self.timeout).into(),
             )),
         };
         match result {
-            Ok(stats) => {
+            Ok(backlog) => {
                 gauge!(names::DB_UP).set(1.0);
-                self.publish(&stats, self.clock.now());
+                self.publish(&backlog, self.clock.now());
                 Ok(())
             }
             Err(err) => {
@@ -106,25 +117,25 @@ impl QueueSampler {
         }
     }
 
-    fn publish(&mut self, stats: &[QueueStats], now: DateTime<Utc>) {
+    fn publish(&mut self, backlog: &[QueueBacklog], now: DateTime<Utc>) {
         #[derive(Default)]
         struct Folded {
-            counts: [i64; JobState::ALL.len()],
+            /// In the order of [`DEPTH_STATES`].
+            counts: [i64; DEPTH_STATES.len()],
             oldest: Option<DateTime<Utc>>,
         }
         let mut folded: BTreeMap<String, Folded> = BTreeMap::new();
-        for queue in stats {
+        for queue in backlog {
             let entry = folded.entry(self.labels.queue(&queue.queue)).or_default();
-            for (slot, state) in entry.counts.iter_mut().zip(JobState::ALL) {
-                *slot += queue.count(state);
-            }
+            entry.counts[0] += queue.queued;
+            entry.counts[1] += queue.running;
             entry.oldest = match (entry.oldest, queue.oldest_ready_at) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
         }
         for (queue, entry) in &folded {
-            for (count, state) in entry.counts.iter().zip(JobState::ALL) {
+            for (count, state) in entry.counts.iter().zip(DEPTH_STATES) {
                 gauge!(names::QUEUE_DEPTH, labels::QUEUE => queue.clone(), labels::STATE => state.as_str())
                     .set(*count as f64);
             }
@@ -134,7 +145,7 @@ impl QueueSampler {
             gauge!(names::QUEUE_OLDEST_READY_AGE_SECONDS, labels::QUEUE => queue.clone()).set(age);
         }
         for gone in self.published.difference(&folded.keys().cloned().collect()) {
-            for state in JobState::ALL {
+            for state in DEPTH_STATES {
                 gauge!(names::QUEUE_DEPTH, labels::QUEUE => gone.clone(), labels::STATE => state.as_str())
                     .set(0.0);
             }

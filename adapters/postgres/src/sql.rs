@@ -392,6 +392,26 @@ pub const QUEUE_STATS: &str = "select queue, state, count(*) as n,
 from faultline_jobs
 group by queue, state";
 
+/// The unfinished backlog per queue: 1 clock. Rows are (queue, queued, ready, running, oldest);
+/// a queue with both queued and running jobs has one row of each kind. Each half reads only its
+/// partial index (claim: `state = 'queued'`, rescue: `state = 'running'`), never the finished
+/// history, so sampling it periodically costs what the backlog costs.
+pub const QUEUE_BACKLOG: &str = "with clock as materialized (
+    select coalesce($1::timestamptz, now()) as now
+)
+select queue, count(*) as queued,
+    count(*) filter (where next_run_at <= (select now from clock)) as ready,
+    0::int8 as running,
+    min(next_run_at) filter (where next_run_at <= (select now from clock)) as oldest
+from faultline_jobs
+where state = 'queued'
+group by queue
+union all
+select queue, 0::int8, 0::int8, count(*), null::timestamptz
+from faultline_jobs
+where state = 'running'
+group by queue";
+
 /// Deletes up to `limit` finished jobs past their state's retention, oldest first, through the
 /// `finished_at` index: 1 succeeded, 2 failed, 3 cancelled retention (ms), 4 limit, 5 clock.
 pub const PRUNE: &str = "with clock as materialized (
@@ -416,7 +436,7 @@ delete from faultline_jobs j using doomed d where j.id = d.id";
 mod tests {
     use super::*;
 
-    const ALL: [&str; 20] = [
+    const ALL: [&str; 21] = [
         ENQUEUE_ONE,
         ENQUEUE_MANY_PLAIN,
         ENQUEUE_MANY_KEYED,
@@ -436,6 +456,7 @@ mod tests {
         GET,
         LIST,
         QUEUE_STATS,
+        QUEUE_BACKLOG,
         PRUNE,
     ];
 

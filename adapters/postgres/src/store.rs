@@ -10,7 +10,8 @@ use chrono::{DateTime, Utc};
 use faultline_domain::{EventKind, Job, JobSpec, JobState, Limits};
 use faultline_ports::{
     ClaimParams, Clock, EnqueueOutcome, Enqueued, Failure, HeartbeatOutcome, JobPage, JobStore,
-    LeaseRef, ListParams, PruneParams, QueueStats, StoreError, StoreResult, WriteOutcome,
+    LeaseRef, ListParams, PruneParams, QueueBacklog, QueueStats, StoreError, StoreResult,
+    WriteOutcome,
 };
 use faultline_ports::{validate_extend_ms, validate_result, validate_snooze_ms, validate_specs};
 use serde_json::Value;
@@ -755,6 +756,35 @@ impl JobStore for PgStore {
                 slot.1 = count;
             }
             stats.oldest_ready_at = stats.oldest_ready_at.or(oldest);
+        }
+        Ok(queues.into_values().collect())
+    }
+
+    async fn queue_backlog(&self) -> StoreResult<Vec<QueueBacklog>> {
+        let rows = sqlx::query(sql::QUEUE_BACKLOG)
+            .bind(self.now())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        // Sorted by queue name in Rust (byte order), independent of the database collation.
+        let mut queues: BTreeMap<String, QueueBacklog> = BTreeMap::new();
+        for row in &rows {
+            let queue: String = row.try_get(0).map_err(backend)?;
+            let queued: i64 = row.try_get(1).map_err(backend)?;
+            let ready: i64 = row.try_get(2).map_err(backend)?;
+            let running: i64 = row.try_get(3).map_err(backend)?;
+            let oldest: Option<DateTime<Utc>> = row.try_get(4).map_err(backend)?;
+            let backlog = queues.entry(queue.clone()).or_insert_with(|| QueueBacklog {
+                queue,
+                queued: 0,
+                ready: 0,
+                running: 0,
+                oldest_ready_at: None,
+            });
+            backlog.queued += queued;
+            backlog.ready += ready;
+            backlog.running += running;
+            backlog.oldest_ready_at = backlog.oldest_ready_at.or(oldest);
         }
         Ok(queues.into_values().collect())
     }

@@ -2,7 +2,8 @@
 //! wake-ups for long-polling lease requests and a health check that asks the database, until
 //! SIGTERM/SIGINT. Startup never waits for the database: while it is down or unmigrated the API
 //! answers (`/health` says what is wrong, `/v1` gives 503) and recovers when it is back. The API
-//! never migrates.
+//! never migrates. Serves its metrics (and those of a worker in the same process) at
+//! `GET /metrics` on its own port, and samples queue depth.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -20,8 +21,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::database::{self, Unready};
-use crate::options::{ApiArgs, DatabaseArgs};
+use crate::options::{ApiArgs, DatabaseArgs, MetricsArgs};
 use crate::shutdown;
+use crate::telemetry::Telemetry;
 
 /// `faultline api` options.
 #[derive(Debug, Args)]
@@ -31,6 +33,9 @@ pub(crate) struct ApiCommand {
 
     #[command(flatten)]
     pub(crate) api: ApiArgs,
+
+    #[command(flatten)]
+    pub(crate) metrics: MetricsArgs,
 
     /// Print the configuration as resolved from flags, environment and defaults (API tokens only
     /// as their number), and exit without connecting.
@@ -53,18 +58,28 @@ const WATCH_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duratio
 pub(crate) async fn run(args: ApiCommand) -> anyhow::Result<()> {
     let shutdown = shutdown::on_signals()?;
     let config = args.api.config()?;
+    args.metrics.sample_interval()?;
     if args.print_config {
-        print_config(&config, args.api.api_pool_size);
+        print_config(&config, args.api.api_pool_size, &args.metrics);
         return Ok(());
     }
     let connect =
         database::connect_options(&args.database.database_url, database::API_APPLICATION_NAME)?;
     let listener = bind(config.listen).await?;
-    serve(listener, connect, args.api.api_pool_size, config, shutdown).await
+    let telemetry = Telemetry::install(&args.metrics)?;
+    serve(
+        listener,
+        connect,
+        args.api.api_pool_size,
+        config,
+        &telemetry,
+        shutdown,
+    )
+    .await
 }
 
 /// `--print-config`: one `name = value` line per setting; tokens only as their number.
-fn print_config(config: &ApiConfig, pool_size: u32) {
+fn print_config(config: &ApiConfig, pool_size: u32, metrics: &MetricsArgs) {
     let lines = [
         ("listen", config.listen.to_string()),
         (
@@ -81,6 +96,17 @@ fn print_config(config: &ApiConfig, pool_size: u32) {
         ),
         ("api_shutdown_grace", format!("{:?}", config.shutdown_grace)),
         ("api_pool_size", pool_size.to_string()),
+        (
+            "metrics_sample_interval",
+            metrics
+                .metrics_sample_interval
+                .0
+                .map_or_else(|| "off".to_owned(), |d| format!("{d:?}")),
+        ),
+        (
+            "metrics_max_label_values",
+            metrics.metrics_max_label_values.to_string(),
+        ),
     ];
     for (name, value) in lines {
         println!("{name} = {value}");
@@ -106,15 +132,23 @@ pub(crate) fn local_url(addr: SocketAddr) -> String {
 }
 
 /// Serves the API on `listener` until `shutdown` fires, with a lazily connecting pool of
-/// `pool_size` connections made from `connect`, `LISTEN` wake-ups and a database health check;
-/// then lets in-flight requests finish (for up to the configured grace) and closes the pool.
+/// `pool_size` connections made from `connect`, `LISTEN` wake-ups and a database health check,
+/// serving `telemetry`'s exposition at `/metrics` (and sampling queue depth, unless the process
+/// already does); then lets in-flight requests finish (for up to the configured grace) and closes
+/// the pool.
 pub(crate) async fn serve(
     listener: TcpListener,
     connect: PgConnectOptions,
     pool_size: u32,
     config: ApiConfig,
+    telemetry: &Telemetry,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let config = ApiConfig {
+        metrics: Some(faultline_metrics::render_fn(telemetry.handle.clone())),
+        metric_labels: telemetry.labels.clone(),
+        ..config
+    };
     let pool = database::lazy_pool(
         &connect,
         pool_size,
@@ -127,6 +161,7 @@ pub(crate) async fn serve(
     tokio::spawn(watch_database(health.clone(), stop_background.clone()));
 
     let store = Arc::new(PgStore::new(pool.clone()));
+    telemetry.start_sampler(store.clone());
     let served =
         faultline_http::serve_on(listener, store, wake, health, config, shutdown.clone()).await;
     stop_background.cancel();

@@ -2,7 +2,8 @@
 //! starts a private PostgreSQL cluster from the locally installed server binaries (a fresh,
 //! temporary one per run: its data is deleted when `dev` stops). Migrates, runs a worker with the
 //! demo handlers and the HTTP API, prints where everything is, and on Ctrl-C stops the worker and
-//! the API, then the cluster.
+//! the API, then the cluster. One metrics recorder for both: the API's `GET /metrics` serves the
+//! worker's metrics too (dev has no separate metrics port).
 
 use std::time::Duration;
 
@@ -12,7 +13,8 @@ use faultline_postgres::cluster::{ClusterError, PrivateCluster, reap_orphans};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::options::{ApiArgs, HttpArgs, WorkerArgs};
+use crate::options::{ApiArgs, HttpArgs, MetricsArgs, WorkerArgs};
+use crate::telemetry::Telemetry;
 use crate::{api, database, handlers, report_migrations, shutdown, worker};
 
 /// `faultline dev` options.
@@ -31,6 +33,9 @@ pub(crate) struct DevCommand {
 
     #[command(flatten)]
     api: ApiArgs,
+
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 /// Runs `faultline dev`.
@@ -40,6 +45,7 @@ pub(crate) async fn run(args: DevCommand) -> anyhow::Result<()> {
     let config = args.worker.config();
     config.validate()?;
     let api_config = args.api.config()?;
+    args.metrics.sample_interval()?;
     // First, so that a taken port fails before anything is started.
     let listener = api::bind(api_config.listen).await?;
 
@@ -54,13 +60,17 @@ pub(crate) async fn run(args: DevCommand) -> anyhow::Result<()> {
         }
     };
     // From here on, the cluster must be stopped whatever happens.
+    let telemetry = Telemetry::install(&args.metrics);
     let parts = Parts {
         registry,
         config,
         api_config,
         listener,
     };
-    let result = serve(&url, cluster.is_some(), &args, parts, shutdown).await;
+    let result = match telemetry {
+        Ok(telemetry) => serve(&url, cluster.is_some(), &args, parts, &telemetry, shutdown).await,
+        Err(error) => Err(error),
+    };
     if let Some(mut cluster) = cluster {
         let stopped = tokio::task::spawn_blocking(move || cluster.stop()).await;
         match stopped {
@@ -85,6 +95,7 @@ async fn serve(
     private: bool,
     args: &DevCommand,
     parts: Parts,
+    telemetry: &Telemetry,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let Parts {
@@ -136,6 +147,7 @@ async fn serve(
     println!("  docs      {base}/docs  (Swagger UI)");
     println!("  openapi   {base}/openapi.json");
     println!("  health    {base}/health");
+    println!("  metrics   {base}/metrics  (Prometheus: the worker's and the API's)");
     println!(
         "  worker    queues {}, kinds {kinds}",
         config.queues.join(", ")
@@ -153,12 +165,13 @@ async fn serve(
             api_connect,
             args.api.api_pool_size,
             api_config,
+            telemetry,
             shutdown.clone(),
         ),
         &shutdown,
     );
     let worker = stop_all_on_error(
-        worker::serve(pool, connect, registry, config, shutdown.clone()),
+        worker::serve(pool, connect, registry, config, telemetry, shutdown.clone()),
         &shutdown,
     );
     let (api, worker) = tokio::join!(api, worker);

@@ -1,5 +1,6 @@
 //! `faultline`: the command line of the Faultline job system: `migrate`, `worker`, `api` and
-//! `dev`. Configuration (flags, environment) and telemetry (logging) are read and set up here only.
+//! `dev`. Configuration (flags, environment) and telemetry (logging, the metrics exporter) are read and
+//! set up here only.
 
 mod api;
 mod database;
@@ -8,6 +9,7 @@ mod handlers;
 mod logging;
 mod options;
 mod shutdown;
+mod telemetry;
 mod worker;
 
 use std::process::ExitCode;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use faultline_http::ApiConfig;
+use faultline_metrics::LabelGuard;
 use faultline_worker::WorkerConfig;
 
 /// Where the database is, for the subcommands that require one.
@@ -295,6 +296,55 @@ impl ApiArgs {
             ..ApiConfig::default()
         })
     }
+}
+
+/// Metrics settings shared by `worker`, `api` and `dev` (one recorder, label guard and sampler
+/// per process).
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Metrics")]
+pub(crate) struct MetricsArgs {
+    /// How often queue depth and the oldest ready job's age are sampled from the database; "off"
+    /// disables the sampler.
+    #[arg(long, env = "FAULTLINE_METRICS_SAMPLE_INTERVAL", value_name = "DURATION|off", default_value = "15s", value_parser = parse_interval)]
+    pub(crate) metrics_sample_interval: Interval,
+
+    /// Distinct queues (and, separately, kinds) reported by name in metric labels; later ones are
+    /// reported as "other".
+    #[arg(long, env = "FAULTLINE_METRICS_MAX_LABEL_VALUES", value_name = "N", default_value_t = LabelGuard::DEFAULT_CAP as u32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) metrics_max_label_values: u32,
+}
+
+impl MetricsArgs {
+    /// The sampling interval (`None`: off); refuses zero.
+    pub(crate) fn sample_interval(&self) -> anyhow::Result<Option<Duration>> {
+        match self.metrics_sample_interval.0 {
+            Some(every) if every.is_zero() => {
+                bail!("--metrics-sample-interval must be longer than 0 (or \"off\")")
+            }
+            every => Ok(every),
+        }
+    }
+
+    /// The label guard's cap.
+    pub(crate) fn max_label_values(&self) -> usize {
+        usize::try_from(self.metrics_max_label_values).unwrap_or(usize::MAX)
+    }
+}
+
+/// Where a process serves `GET /metrics` on its own port (`None`: off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MetricsListen(pub(crate) Option<SocketAddr>);
+
+/// Parses `IP:PORT` or `off`.
+pub(crate) fn parse_metrics_listen(text: &str) -> anyhow::Result<MetricsListen> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(MetricsListen(None));
+    }
+    let addr = text
+        .parse()
+        .with_context(|| format!("{text:?} is not IP:PORT or \"off\""))?;
+    Ok(MetricsListen(Some(addr)))
 }
 
 /// One API token as given: a secret, so its `Debug` output never shows it.

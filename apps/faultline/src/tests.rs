@@ -54,7 +54,7 @@ fn options_of(subcommand: &str) -> Vec<(String, Option<String>)> {
 }
 
 /// Every environment variable the worker reads: the interface operators configure.
-const WORKER_ENV: [&str; 25] = [
+const WORKER_ENV: [&str; 28] = [
     "DATABASE_URL",
     "FAULTLINE_WORKER_ID",
     "FAULTLINE_QUEUES",
@@ -78,12 +78,15 @@ const WORKER_ENV: [&str; 25] = [
     "FAULTLINE_HTTP_ENDPOINTS",
     "FAULTLINE_HTTP_TIMEOUT",
     "FAULTLINE_DEMO_HANDLERS",
+    "FAULTLINE_METRICS_LISTEN",
+    "FAULTLINE_METRICS_SAMPLE_INTERVAL",
+    "FAULTLINE_METRICS_MAX_LABEL_VALUES",
     "FAULTLINE_LOG_FORMAT",
     "FAULTLINE_LOG",
 ];
 
 /// Every environment variable the API reads.
-const API_ENV: [&str; 12] = [
+const API_ENV: [&str; 14] = [
     "DATABASE_URL",
     "FAULTLINE_LISTEN",
     "FAULTLINE_API_TOKENS",
@@ -94,6 +97,8 @@ const API_ENV: [&str; 12] = [
     "FAULTLINE_LEASE_POLL_INTERVAL",
     "FAULTLINE_API_SHUTDOWN_GRACE",
     "FAULTLINE_API_POOL_SIZE",
+    "FAULTLINE_METRICS_SAMPLE_INTERVAL",
+    "FAULTLINE_METRICS_MAX_LABEL_VALUES",
     "FAULTLINE_LOG_FORMAT",
     "FAULTLINE_LOG",
 ];
@@ -144,12 +149,18 @@ fn every_api_setting_has_a_flag_and_an_environment_variable() {
 
 #[test]
 fn dev_takes_the_worker_and_api_options() {
-    // Minus --demo-handlers (always on) and --print-config.
+    // Minus --demo-handlers (always on), --print-config and --metrics-listen (dev serves its
+    // metrics on the API's /metrics).
     let dev: BTreeSet<(String, Option<String>)> = options_of("dev").into_iter().collect();
     let expected: BTreeSet<(String, Option<String>)> = options_of("worker")
         .into_iter()
         .chain(options_of("api"))
-        .filter(|(long, _)| long != "--demo-handlers" && long != "--print-config")
+        .filter(|(long, _)| {
+            !matches!(
+                long.as_str(),
+                "--demo-handlers" | "--print-config" | "--metrics-listen"
+            )
+        })
         .collect();
     assert_eq!(dev, expected);
 }
@@ -204,6 +215,58 @@ fn the_defaults_are_the_runtimes() {
     assert!(!args.demo_handlers);
     assert!(args.http.endpoints.is_empty());
     assert_eq!(args.worker.pool_size(), 6);
+    assert_eq!(
+        args.metrics_listen.0,
+        Some(faultline_metrics::DEFAULT_LISTEN)
+    );
+    assert_eq!(
+        args.metrics.sample_interval().unwrap(),
+        Some(faultline_metrics::QueueSampler::DEFAULT_INTERVAL)
+    );
+    assert_eq!(
+        args.metrics.max_label_values(),
+        faultline_metrics::LabelGuard::DEFAULT_CAP
+    );
+}
+
+#[test]
+fn metrics_flags_parse() {
+    let args = worker_args(&[
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--metrics-sample-interval",
+        "2s",
+        "--metrics-max-label-values",
+        "7",
+    ]);
+    assert_eq!(args.metrics_listen.0, Some("127.0.0.1:0".parse().unwrap()));
+    assert_eq!(
+        args.metrics.sample_interval().unwrap(),
+        Some(Duration::from_secs(2))
+    );
+    assert_eq!(args.metrics.max_label_values(), 7);
+    let args = worker_args(&[
+        "--metrics-listen",
+        "off",
+        "--metrics-sample-interval",
+        "off",
+    ]);
+    assert_eq!(args.metrics_listen.0, None);
+    assert_eq!(args.metrics.sample_interval().unwrap(), None);
+    let api = api_args(&[
+        "--metrics-sample-interval",
+        "1m",
+        "--metrics-max-label-values",
+        "3",
+    ]);
+    assert_eq!(
+        api.metrics.sample_interval().unwrap(),
+        Some(Duration::from_secs(60))
+    );
+    assert_eq!(api.metrics.max_label_values(), 3);
+    let zero = worker_args(&["--metrics-sample-interval", "0s"]);
+    let error = zero.metrics.sample_interval().expect_err("0s").to_string();
+    assert!(error.contains("--metrics-sample-interval"), "{error}");
 }
 
 #[test]
@@ -309,6 +372,15 @@ fn bad_values_are_refused_with_the_option_named() {
         (&["--http-endpoint", "nourl"][..], "--http-endpoint"),
         (&["--pool-size", "0"][..], "--pool-size"),
         (&["--log-format", "xml"][..], "--log-format"),
+        (&["--metrics-listen", "localhost"][..], "--metrics-listen"),
+        (
+            &["--metrics-max-label-values", "0"][..],
+            "--metrics-max-label-values",
+        ),
+        (
+            &["--metrics-sample-interval", "15"][..],
+            "--metrics-sample-interval",
+        ),
     ] {
         let err = Cli::try_parse_from(argv(extra)).expect_err(named);
         assert!(err.to_string().contains(named), "{extra:?}: {err}");

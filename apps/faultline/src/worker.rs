@@ -1,6 +1,7 @@
 //! `faultline worker`: connects (waiting for the database while it is unreachable), checks the
 //! schema, starts the `LISTEN` wake-ups and runs the worker runtime with the built-in handlers
-//! until SIGTERM/SIGINT, then shuts down gracefully and exits 0.
+//! until SIGTERM/SIGINT, then shuts down gracefully and exits 0. Serves its metrics at
+//! `GET /metrics` on `--metrics-listen` and samples queue depth.
 
 use std::sync::Arc;
 
@@ -13,8 +14,9 @@ use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
 use tokio_util::sync::CancellationToken;
 
-use crate::options::{DatabaseArgs, HttpArgs, WorkerArgs};
-use crate::{database, handlers, shutdown};
+use crate::options::{DatabaseArgs, HttpArgs, MetricsArgs, MetricsListen, WorkerArgs};
+use crate::telemetry::{self, Telemetry};
+use crate::{api, database, handlers, shutdown};
 
 /// `faultline worker` options.
 #[derive(Debug, Args)]
@@ -33,6 +35,14 @@ pub(crate) struct WorkerCommand {
     #[arg(long, env = "FAULTLINE_DEMO_HANDLERS", help_heading = "Handlers")]
     pub(crate) demo_handlers: bool,
 
+    #[command(flatten)]
+    pub(crate) metrics: MetricsArgs,
+
+    /// Address (IP:PORT) where `GET /metrics` is served; port 0 picks a free port; "off" serves
+    /// no metrics endpoint.
+    #[arg(long, env = "FAULTLINE_METRICS_LISTEN", value_name = "ADDR|off", default_value = "0.0.0.0:9464", value_parser = crate::options::parse_metrics_listen, help_heading = "Metrics")]
+    pub(crate) metrics_listen: MetricsListen,
+
     /// Print the configuration as resolved from flags, environment and defaults, and exit
     /// without connecting.
     #[arg(long)]
@@ -45,9 +55,21 @@ pub(crate) async fn run(args: WorkerCommand) -> anyhow::Result<()> {
     let registry = handlers::registry(&args.http, args.demo_handlers)?;
     let config = args.worker.config();
     config.validate()?;
+    args.metrics.sample_interval()?;
     if args.print_config {
         print_config(&args, &config);
         return Ok(());
+    }
+    // First, so that a taken port fails before anything is started.
+    let metrics_listener = match args.metrics_listen.0 {
+        Some(addr) => Some(telemetry::bind(addr).await?),
+        None => None,
+    };
+    let telemetry = Telemetry::install(&args.metrics)?;
+    if let Some(listener) = metrics_listener {
+        let addr = listener.local_addr()?;
+        tracing::info!(url = %format!("{}/metrics", api::local_url(addr)), "metrics endpoint listening");
+        telemetry.serve_on(listener);
     }
     let connect = database::connect_options(
         &args.database.database_url,
@@ -60,7 +82,7 @@ pub(crate) async fn run(args: WorkerCommand) -> anyhow::Result<()> {
         tracing::info!("stopped before the database was reachable");
         return Ok(());
     };
-    serve(pool, connect, registry, config, shutdown).await
+    serve(pool, connect, registry, config, &telemetry, shutdown).await
 }
 
 /// `--print-config`: one `name = value` line per setting.
@@ -103,6 +125,20 @@ fn print_config(args: &WorkerCommand, config: &WorkerConfig) {
         ("demo_handlers", args.demo_handlers.to_string()),
         ("http_endpoints", endpoints.join(",")),
         ("http_timeout", format!("{:?}", args.http.http_timeout)),
+        (
+            "metrics_listen",
+            args.metrics_listen
+                .0
+                .map_or_else(|| "off".to_owned(), |a| a.to_string()),
+        ),
+        (
+            "metrics_sample_interval",
+            off(args.metrics.metrics_sample_interval.0),
+        ),
+        (
+            "metrics_max_label_values",
+            args.metrics.metrics_max_label_values.to_string(),
+        ),
     ];
     for (name, value) in lines {
         println!("{name} = {value}");
@@ -110,16 +146,20 @@ fn print_config(args: &WorkerCommand, config: &WorkerConfig) {
 }
 
 /// Runs a worker on `pool` until `shutdown` fires, with wake-ups from a `LISTEN` connection made
-/// from `connect`; then shuts down gracefully and closes the pool.
+/// from `connect`, recording its metrics with `telemetry`'s labels (and sampling queue depth,
+/// unless the process already does); then shuts down gracefully and closes the pool.
 pub(crate) async fn serve(
     pool: PgPool,
     connect: PgConnectOptions,
     registry: Registry,
     config: WorkerConfig,
+    telemetry: &Telemetry,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let store = Arc::new(PgStore::new(pool.clone()));
-    let mut worker = Worker::new(store, SystemClock, registry, config)?;
+    let mut worker = Worker::new(store.clone(), SystemClock, registry, config)?
+        .with_metric_labels(telemetry.labels.clone());
+    telemetry.start_sampler(store);
     // The listener outlives the worker's loop (the shutdown's grace period claims nothing).
     let stop_listening = CancellationToken::new();
     let listen = ListenOptions::default().queues(worker.config().queues.clone());

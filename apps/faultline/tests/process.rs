@@ -5,7 +5,8 @@
 //! protocol) completes, answers while its database is down or unmigrated and recovers when it is
 //! back; `migrate` reports exactly what it applied, also when run concurrently; `dev` migrates,
 //! runs demo jobs and serves the API on `DATABASE_URL` or on a private PostgreSQL it removes on
-//! Ctrl-C.
+//! Ctrl-C. `worker` and `api` (and `dev`, on the API's port) serve `/metrics` with the counts of
+//! what they did, in an exposition `promtool` accepts.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,6 +14,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
+use faultline_metrics::testing::{Exposition, assert_promtool_accepts_metrics};
 use faultline_ports::JobStore;
 use faultline_ports::domain::{JobSpec, JobState};
 use faultline_postgres::PgStore;
@@ -58,6 +60,8 @@ impl Process {
                 command.env_remove(name);
             }
         }
+        // Workers run side by side in these tests: no fixed metrics port (`env` may set one).
+        command.env("FAULTLINE_METRICS_LISTEN", "127.0.0.1:0");
         for (name, value) in env {
             command.env(name, value);
         }
@@ -133,6 +137,42 @@ async fn api_base(api: &mut Process) -> String {
         .unwrap_or_else(|| panic!("no address in {line:?}"));
     let addr: SocketAddr = addr.parse().expect("a socket address");
     format!("http://{addr}")
+}
+
+/// Where a started `faultline worker` serves `/metrics`, from its "metrics endpoint listening"
+/// log line.
+async fn metrics_url(worker: &mut Process) -> String {
+    let line = worker.line_with("metrics endpoint listening").await;
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix("url="))
+        .unwrap_or_else(|| panic!("no URL in {line:?}"))
+        .to_owned()
+}
+
+/// Polls `GET url` (a `/metrics` endpoint) until the sum of `name` over the series with `labels`
+/// is at least `at_least`; returns that exposition text.
+async fn wait_for_metric(
+    client: &reqwest::Client,
+    url: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+    at_least: f64,
+) -> String {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let reply = call(client, "GET", url, None, None).await;
+        assert_eq!(reply.status, 200, "{url}: {reply:?}");
+        let value = Exposition::parse(&reply.body).value(name, labels);
+        if value >= at_least {
+            return reply.body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}{labels:?} is {value}, not {at_least}, at the deadline:\n{}",
+            reply.body
+        );
+        tokio::time::sleep(POLL).await;
+    }
 }
 
 /// An HTTP client for the API (plain http; the TLS provider is installed because reqwest is built
@@ -435,6 +475,9 @@ async fn print_config_shows_what_the_environment_set() {
         ),
         ("FAULTLINE_HTTP_TIMEOUT", "8s"),
         ("FAULTLINE_DEMO_HANDLERS", "true"),
+        ("FAULTLINE_METRICS_LISTEN", "127.0.0.1:9999"),
+        ("FAULTLINE_METRICS_SAMPLE_INTERVAL", "3s"),
+        ("FAULTLINE_METRICS_MAX_LABEL_VALUES", "12"),
     ];
     let process = Process::start(&["worker", "--print-config"], &env);
     let (status, output) = process.exit().await;
@@ -470,6 +513,9 @@ async fn print_config_shows_what_the_environment_set() {
             "mail=http://127.0.0.1:9/send,hook=https://example.invalid/h",
         ),
         ("http_timeout", "8s"),
+        ("metrics_listen", "127.0.0.1:9999"),
+        ("metrics_sample_interval", "3s"),
+        ("metrics_max_label_values", "12"),
     ]
     .into_iter()
     .collect();
@@ -506,7 +552,7 @@ async fn dev_migrates_the_database_url_runs_demo_jobs_and_serves_the_api() {
     );
     dev.line_with("faultline dev is running").await;
     let mut urls = BTreeMap::new();
-    for name in ["api", "docs", "openapi", "health"] {
+    for name in ["api", "docs", "openapi", "health", "metrics"] {
         let line = dev.line_with(&format!("  {name:<8}  http://")).await;
         let url = line
             .split_whitespace()
@@ -542,6 +588,31 @@ async fn dev_migrates_the_database_url_runs_demo_jobs_and_serves_the_api() {
     let id = submitted.json()["id"].as_i64().expect("an id");
     let job = wait_for_state(db.pool(), id, JobState::Succeeded).await;
     assert_eq!(job.attempts, 2);
+    // The API's /metrics shows the worker's metrics too (one recorder per process).
+    let queue = [("queue", "default")];
+    let text = wait_for_metric(
+        &client,
+        &urls["metrics"],
+        "faultline_jobs_finished_total",
+        &[
+            ("queue", "default"),
+            ("kind", "fail"),
+            ("outcome", "succeeded"),
+        ],
+        1.0,
+    )
+    .await;
+    let scrape = Exposition::parse(&text);
+    assert_eq!(
+        scrape.value("faultline_jobs_enqueued_total", &queue),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        scrape.value("faultline_job_retries_total", &queue),
+        1.0,
+        "{text}"
+    );
 
     dev.signal("INT");
     let (status, output) = dev.exit().await;
@@ -960,6 +1031,8 @@ async fn api_print_config_shows_what_the_environment_set() {
         ("FAULTLINE_LEASE_POLL_INTERVAL", "500ms"),
         ("FAULTLINE_API_SHUTDOWN_GRACE", "3s"),
         ("FAULTLINE_API_POOL_SIZE", "5"),
+        ("FAULTLINE_METRICS_SAMPLE_INTERVAL", "off"),
+        ("FAULTLINE_METRICS_MAX_LABEL_VALUES", "9"),
     ];
     let process = Process::start(&["api", "--print-config"], &env);
     let (status, output) = process.exit().await;
@@ -980,6 +1053,8 @@ async fn api_print_config_shows_what_the_environment_set() {
         ("lease_poll_interval", "500ms"),
         ("api_shutdown_grace", "3s"),
         ("api_pool_size", "5"),
+        ("metrics_sample_interval", "off"),
+        ("metrics_max_label_values", "9"),
     ]
     .into_iter()
     .collect();
@@ -997,5 +1072,121 @@ async fn api_refuses_a_taken_address_naming_it() {
     let (status, output) = api.exit().await;
     assert_eq!(status.code(), Some(1), "{output}");
     assert!(output.contains(&format!("listen on {addr}")), "{output}");
+    drop(taken);
+}
+
+#[tokio::test]
+async fn worker_and_api_serve_metrics_that_promtool_accepts() {
+    let db = TestDb::fresh().await;
+    let mut api = Process::start(
+        &["api", "--listen", "127.0.0.1:0"],
+        &[
+            ("DATABASE_URL", db.url()),
+            ("FAULTLINE_METRICS_SAMPLE_INTERVAL", "100ms"),
+        ],
+    );
+    let base = api_base(&mut api).await;
+    let mut worker = Process::start(
+        &["worker", "--demo-handlers", "--queues", "mail"],
+        &[
+            ("DATABASE_URL", db.url()),
+            ("FAULTLINE_METRICS_SAMPLE_INTERVAL", "100ms"),
+        ],
+    );
+    let worker_metrics = metrics_url(&mut worker).await;
+    let client = client();
+    wait_for_status(&client, &format!("{base}/health"), 200).await;
+
+    let created = call(
+        &client,
+        "POST",
+        &format!("{base}/v1/jobs"),
+        None,
+        Some(json!({"kind": "noop", "payload": {}, "queue": "mail"})),
+    )
+    .await;
+    assert_eq!(created.status, 201, "{created:?}");
+    let id = created.json()["id"].as_i64().expect("an id");
+    wait_for_state(db.pool(), id, JobState::Succeeded).await;
+
+    let worker_text = wait_for_metric(
+        &client,
+        &worker_metrics,
+        "faultline_jobs_finished_total",
+        &[
+            ("queue", "mail"),
+            ("kind", "noop"),
+            ("outcome", "succeeded"),
+        ],
+        1.0,
+    )
+    .await;
+    let scrape = Exposition::parse(&worker_text);
+    assert_eq!(
+        scrape.value("faultline_jobs_claimed_total", &[("queue", "mail")]),
+        1.0,
+        "{worker_text}"
+    );
+    assert_eq!(
+        scrape.value("faultline_jobs_enqueued_total", &[]),
+        0.0,
+        "the worker enqueued nothing:\n{worker_text}"
+    );
+    let api_text = wait_for_metric(
+        &client,
+        &format!("{base}/metrics"),
+        "faultline_jobs_enqueued_total",
+        &[("queue", "mail"), ("kind", "noop")],
+        1.0,
+    )
+    .await;
+    let scrape = Exposition::parse(&api_text);
+    assert!(
+        scrape.has(
+            "faultline_http_requests_total",
+            &[("method", "POST"), ("route", "/v1/jobs"), ("status", "201")]
+        ),
+        "{api_text}"
+    );
+    // Both processes sample queue depth from the database: a job in a queue no worker serves.
+    let parked = call(
+        &client,
+        "POST",
+        &format!("{base}/v1/jobs"),
+        None,
+        Some(json!({"kind": "noop", "payload": {}, "queue": "parked"})),
+    )
+    .await;
+    assert_eq!(parked.status, 201, "{parked:?}");
+    let queued = [("queue", "parked"), ("state", "queued")];
+    for url in [worker_metrics.clone(), format!("{base}/metrics")] {
+        wait_for_metric(&client, &url, "faultline_queue_depth", &queued, 1.0).await;
+    }
+
+    assert_promtool_accepts_metrics(&worker_text);
+    assert_promtool_accepts_metrics(&api_text);
+
+    worker.signal("TERM");
+    api.signal("TERM");
+    let (status, output) = worker.exit().await;
+    assert_eq!(status.code(), Some(0), "{output}");
+    let (status, output) = api.exit().await;
+    assert_eq!(status.code(), Some(0), "{output}");
+}
+
+#[tokio::test]
+async fn worker_refuses_a_taken_metrics_address_naming_it() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let worker = Process::start(
+        &["worker", "--demo-handlers", "--metrics-listen", &addr],
+        &[("DATABASE_URL", "postgres://x@127.0.0.1:1/x")],
+    );
+    let (status, output) = worker.exit().await;
+    assert_eq!(status.code(), Some(1), "{output}");
+    assert!(
+        output.contains(&format!("listen on {addr} (--metrics-listen")),
+        "{output}"
+    );
     drop(taken);
 }

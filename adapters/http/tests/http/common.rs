@@ -10,7 +10,8 @@ use faultline_memory::MemoryStore;
 use faultline_ports::domain::{Job, JobSpec};
 use faultline_ports::{
     ClaimParams, EnqueueOutcome, Enqueued, Failure, HeartbeatOutcome, JobPage, JobStore, LeaseRef,
-    ListParams, ManualClock, PruneParams, QueueStats, StoreError, StoreResult, WriteOutcome,
+    ListParams, ManualClock, PruneParams, QueueBacklog, QueueStats, StoreError, StoreResult,
+    WriteOutcome,
 };
 use poem::endpoint::BoxEndpoint;
 use poem::http::{HeaderMap, Method, StatusCode};
@@ -177,6 +178,10 @@ impl JobStore for FaultyStore {
     async fn queue_stats(&self) -> StoreResult<Vec<QueueStats>> {
         self.gate().await?;
         self.inner.queue_stats().await
+    }
+    async fn queue_backlog(&self) -> StoreResult<Vec<QueueBacklog>> {
+        self.gate().await?;
+        self.inner.queue_backlog().await
     }
     async fn job_prune(&self, params: &PruneParams) -> StoreResult<u64> {
         self.gate().await?;

@@ -1,6 +1,6 @@
-//! The queue-depth sampler: gauges equal the store's counts, folded queues add up, vanished
-//! queues drop to zero, ages follow the clock, and failures show as `faultline_db_up` 0 and a
-//! counted error.
+//! The queue-depth sampler: gauges equal the store's backlog (queued and running; terminal states
+//! are not depth), folded queues add up, vanished queues drop to zero, ages follow the clock, and
+//! failures show as `faultline_db_up` 0 and a counted error.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,8 +11,7 @@ use faultline_metrics::testing::{Exposition, LocalMetrics};
 use faultline_metrics::{LabelGuard, QueueSampler, names};
 use faultline_ports::domain::{JobSpec, JobState};
 use faultline_ports::{
-    ClaimParams, Failure, JobStore, LeaseRef, ListParams, ManualClock, MockJobStore, PruneParams,
-    StoreError,
+    ClaimParams, Failure, JobStore, LeaseRef, ListParams, ManualClock, MockJobStore, StoreError,
 };
 use faultline_postgres::PgStore;
 use faultline_tests::TestDb;
@@ -112,17 +111,16 @@ async fn depth_and_age_follow_the_store_and_folded_queues_add_up() {
         m.label_values(names::QUEUE_DEPTH, "queue"),
         vec!["a", "other"]
     );
-    let expected = [
-        (JobState::Queued, 2.0, 4.0),
-        (JobState::Running, 2.0, 1.0),
-        (JobState::Succeeded, 1.0, 2.0),
-        (JobState::Failed, 1.0, 2.0),
-        (JobState::Cancelled, 1.0, 2.0),
-    ];
+    let expected = [(JobState::Queued, 2.0, 4.0), (JobState::Running, 2.0, 1.0)];
     for (state, a, other) in expected {
         assert_eq!(depth(&m, "a", state), a, "a {state}");
         assert_eq!(depth(&m, "other", state), other, "other {state}");
     }
+    // Finished jobs are history, not depth: no gauge for terminal states.
+    assert_eq!(
+        m.label_values(names::QUEUE_DEPTH, "state"),
+        vec!["queued", "running"]
+    );
     // The due job of each queue has waited 90 s; the scheduled one is not ready.
     assert_eq!(age(&m, "a"), 90.0);
     assert_eq!(age(&m, "other"), 90.0);
@@ -145,24 +143,15 @@ async fn a_queue_that_disappears_drops_to_zero() {
     store.job_enqueue(&spec("gone")).await.unwrap();
     store.job_enqueue(&spec("stays")).await.unwrap();
     let job = store.job_claim(&claim("gone", 1)).await.unwrap().remove(0);
-    store.job_complete(LeaseRef::of(&job), None).await.unwrap();
     let mut sampler =
         QueueSampler::new(store.clone(), LabelGuard::default()).with_clock(clock.clone());
     sampler.sample_once().await.unwrap();
-    assert_eq!(depth(&metrics.scrape(), "gone", JobState::Succeeded), 1.0);
+    assert_eq!(depth(&metrics.scrape(), "gone", JobState::Running), 1.0);
 
-    // Its last job is pruned: the queue is gone from the store's statistics.
+    // Its last job finishes: the queue has no backlog any more, though its job still exists.
     clock.advance_ms(10);
-    let pruned = store
-        .job_prune(&PruneParams {
-            succeeded_retention_ms: 1,
-            failed_retention_ms: 1,
-            cancelled_retention_ms: 1,
-            limit: 10,
-        })
-        .await
-        .unwrap();
-    assert_eq!(pruned, 1);
+    store.job_complete(LeaseRef::of(&job), None).await.unwrap();
+    assert_eq!(store.queue_stats().await.unwrap().len(), 2);
     sampler.sample_once().await.unwrap();
     let m = metrics.scrape();
     for state in JobState::ALL {
@@ -179,7 +168,7 @@ async fn a_failing_store_sets_db_up_to_zero_and_counts_the_error() {
     let _recording = metrics.enter();
     let mut store = MockJobStore::new();
     let mut calls = 0;
-    store.expect_queue_stats().returning(move || {
+    store.expect_queue_backlog().returning(move || {
         calls += 1;
         match calls {
             1 => Ok(vec![]),
@@ -195,7 +184,7 @@ async fn a_failing_store_sets_db_up_to_zero_and_counts_the_error() {
     let m = metrics.scrape();
     assert_eq!(m.value(names::DB_UP, &[]), 0.0);
     assert_eq!(
-        m.value(names::DB_ERRORS_TOTAL, &[("operation", "queue_stats")]),
+        m.value(names::DB_ERRORS_TOTAL, &[("operation", "queue_backlog")]),
         1.0
     );
 
@@ -252,7 +241,8 @@ async fn pg_depth_gauges_match_the_database() {
     sampler.sample_once().await.unwrap();
 
     let m = metrics.scrape();
-    // Count every state of every queue independently of queue_stats, through the job list.
+    // Count every state of every queue independently of the sampler's query, through the job
+    // list: queued and running are published, terminal states are not depth and stay absent.
     for queue in ["alpha", "beta"] {
         for state in JobState::ALL {
             let page = store
@@ -264,11 +254,21 @@ async fn pg_depth_gauges_match_the_database() {
                 })
                 .await
                 .unwrap();
-            assert_eq!(
-                depth(&m, queue, state),
-                page.jobs.len() as f64,
-                "{queue} {state}"
+            let published = m.has(
+                names::QUEUE_DEPTH,
+                &[("queue", queue), ("state", state.as_str())],
             );
+            if matches!(state, JobState::Queued | JobState::Running) {
+                assert!(published, "{queue} {state}");
+                assert_eq!(
+                    depth(&m, queue, state),
+                    page.jobs.len() as f64,
+                    "{queue} {state}"
+                );
+            } else {
+                assert!(!page.jobs.is_empty(), "{queue} {state}: the test has some");
+                assert!(!published, "{queue} {state} is not depth");
+            }
         }
         assert_eq!(age(&m, queue), 30.0, "{queue}");
     }
