@@ -310,6 +310,40 @@ fn expect_stale<T: Debug>(result: StoreResult<T>, lease: LeaseRef) {
     }
 }
 
+/// Every kind of lease-holder write with `lease` is refused as stale: complete, retryable and
+/// permanent fail, snooze, heartbeat (lost) and batch complete.
+async fn expect_every_write_stale(f: &Fixture, lease: LeaseRef) {
+    expect_stale(
+        f.store.job_complete(lease, Some(json!("late"))).await,
+        lease,
+    );
+    expect_stale(
+        f.store.job_fail(lease, &failure("late", true, None)).await,
+        lease,
+    );
+    expect_stale(
+        f.store.job_fail(lease, &failure("late", false, None)).await,
+        lease,
+    );
+    expect_stale(f.store.job_snooze(lease, 0).await, lease);
+    assert_eq!(
+        f.store
+            .job_heartbeat_many(&[lease], 60_000)
+            .await
+            .expect("heartbeat"),
+        vec![HeartbeatOutcome::Lost],
+        "heartbeat of {lease:?}"
+    );
+    assert_eq!(
+        f.store
+            .job_complete_many(&[(lease, Some(json!("late")))])
+            .await
+            .expect("complete many"),
+        vec![WriteOutcome::Stale],
+        "batch complete of {lease:?}"
+    );
+}
+
 #[track_caller]
 fn expect_invalid<T: Debug>(result: StoreResult<T>, what: &str) {
     match result {
@@ -917,30 +951,7 @@ pub async fn stale_lease_writes_are_rejected_after_rescue_and_reclaim(f: Fixture
     assert_eq!(second.fencing_token, 2);
     let new = LeaseRef::of(&second);
 
-    expect_stale(f.store.job_complete(old, Some(json!("late"))).await, old);
-    expect_stale(
-        f.store.job_fail(old, &failure("late", true, None)).await,
-        old,
-    );
-    expect_stale(
-        f.store.job_fail(old, &failure("late", false, None)).await,
-        old,
-    );
-    expect_stale(f.store.job_snooze(old, 0).await, old);
-    assert_eq!(
-        f.store
-            .job_heartbeat_many(&[old], 60_000)
-            .await
-            .expect("heartbeat"),
-        vec![HeartbeatOutcome::Lost]
-    );
-    assert_eq!(
-        f.store
-            .job_complete_many(&[(old, Some(json!("late")))])
-            .await
-            .expect("complete many"),
-        vec![WriteOutcome::Stale]
-    );
+    expect_every_write_stale(&f, old).await;
     let future = LeaseRef {
         job_id: job.id,
         token: 3,
@@ -1826,30 +1837,7 @@ pub async fn unknown_ids_are_not_found_and_their_leases_are_stale(f: Fixture) {
             job_id: id,
             token: 1,
         };
-        expect_stale(f.store.job_complete(lease, None).await, lease);
-        expect_stale(
-            f.store.job_fail(lease, &failure("e", true, None)).await,
-            lease,
-        );
-        expect_stale(
-            f.store.job_fail(lease, &failure("e", false, None)).await,
-            lease,
-        );
-        expect_stale(f.store.job_snooze(lease, 0).await, lease);
-        assert_eq!(
-            f.store
-                .job_heartbeat_many(&[lease], 1_000)
-                .await
-                .expect("heartbeat"),
-            vec![HeartbeatOutcome::Lost]
-        );
-        assert_eq!(
-            f.store
-                .job_complete_many(&[(lease, None)])
-                .await
-                .expect("complete many"),
-            vec![WriteOutcome::Stale]
-        );
+        expect_every_write_stale(&f, lease).await;
     }
     assert_eq!(
         f.all_jobs().await,
