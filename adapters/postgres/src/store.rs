@@ -20,6 +20,9 @@ use sqlx::{PgConnection, PgPool, Row};
 use crate::row::{job_from_row, state_from_row};
 use crate::sql;
 
+/// A statement with its arguments bound.
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
 /// The channel every enqueue of a due job notifies, with the queue name as payload (once per
 /// queue per statement, delivered at commit). Workers `LISTEN` on it to claim without polling.
 pub const NOTIFY_CHANNEL: &str = "faultline_jobs";
@@ -374,17 +377,99 @@ impl PgStore {
         Ok(created)
     }
 
-    /// Runs a fenced single-job write; no row means the lease is stale.
-    async fn fenced(
+    /// Completes the leased job on the caller's connection, inside the caller's transaction,
+    /// so the completion commits or rolls back together with the caller's own writes: the
+    /// building block of exactly-once effects. Fenced like [`JobStore::job_complete`]: when the
+    /// lease is no longer held (expired and recovered, the job cancelled and finished, a newer
+    /// claim), it returns [`StoreError::StaleLease`] and changes nothing; the caller must then
+    /// roll back, so none of its writes survive, and report the loss to the worker
+    /// (`Outcome::LeaseLost` in `faultline-worker`).
+    ///
+    /// The statement locks the job's row until the transaction ends: make it the last statement
+    /// and commit right after (the worker's heartbeat for the job waits on that lock). Under
+    /// READ COMMITTED (the default) a concurrent change of the job is seen and reported as
+    /// `StaleLease`; under REPEATABLE READ or SERIALIZABLE it surfaces as a serialization
+    /// failure ([`StoreError::Backend`]), which must also be rolled back.
+    pub async fn job_complete_in(
         &self,
+        conn: &mut PgConnection,
         lease: LeaseRef,
-        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        result: Option<Value>,
     ) -> StoreResult<Job> {
-        let row = query.fetch_optional(&self.pool).await.map_err(backend)?;
+        Self::fenced(conn, lease, self.complete_query(lease, result)?).await
+    }
+
+    /// Records a failed attempt (retryable or permanent, as [`JobStore::job_fail`]) on the
+    /// caller's connection, inside the caller's transaction; fenced and transactional as
+    /// [`PgStore::job_complete_in`].
+    pub async fn job_fail_in(
+        &self,
+        conn: &mut PgConnection,
+        lease: LeaseRef,
+        failure: &Failure,
+    ) -> StoreResult<Job> {
+        Self::fenced(conn, lease, self.fail_query(lease, failure)?).await
+    }
+
+    /// Puts the leased job back for `delay_ms` without using up its attempt (as
+    /// [`JobStore::job_snooze`]) on the caller's connection, inside the caller's transaction;
+    /// fenced and transactional as [`PgStore::job_complete_in`].
+    pub async fn job_snooze_in(
+        &self,
+        conn: &mut PgConnection,
+        lease: LeaseRef,
+        delay_ms: i64,
+    ) -> StoreResult<Job> {
+        Self::fenced(conn, lease, self.snooze_query(lease, delay_ms)?).await
+    }
+
+    /// Runs a fenced single-job write on `executor` (the pool, or the caller's connection); no
+    /// row means the lease is stale.
+    async fn fenced<'c, E>(executor: E, lease: LeaseRef, query: PgQuery<'_>) -> StoreResult<Job>
+    where
+        E: sqlx::Executor<'c, Database = sqlx::Postgres>,
+    {
+        let row = query.fetch_optional(executor).await.map_err(backend)?;
         match row {
             Some(row) => job_from_row(&row).map_err(backend),
             None => Err(StoreError::StaleLease { lease }),
         }
+    }
+
+    /// The fenced completion statement (validated).
+    fn complete_query(
+        &self,
+        lease: LeaseRef,
+        result: Option<Value>,
+    ) -> StoreResult<PgQuery<'static>> {
+        validate_result(result.as_ref())?;
+        Ok(sqlx::query(sql::COMPLETE_ONE)
+            .bind(lease.job_id)
+            .bind(lease.token)
+            .bind(result)
+            .bind(self.now()))
+    }
+
+    /// The fenced failure statement (validated).
+    fn fail_query(&self, lease: LeaseRef, failure: &Failure) -> StoreResult<PgQuery<'static>> {
+        failure.validate()?;
+        Ok(sqlx::query(sql::FAIL)
+            .bind(lease.job_id)
+            .bind(lease.token)
+            .bind(Limits::storable_text(&failure.error))
+            .bind(failure.retryable)
+            .bind(failure.retry_delay_ms)
+            .bind(self.now()))
+    }
+
+    /// The fenced snooze statement (validated).
+    fn snooze_query(&self, lease: LeaseRef, delay_ms: i64) -> StoreResult<PgQuery<'static>> {
+        validate_snooze_ms(delay_ms)?;
+        Ok(sqlx::query(sql::SNOOZE)
+            .bind(lease.job_id)
+            .bind(lease.token)
+            .bind(delay_ms)
+            .bind(self.now()))
     }
 
     /// Runs a conditional admin transition (`statement` binds the id and the clock). When it
@@ -561,13 +646,7 @@ impl JobStore for PgStore {
     }
 
     async fn job_complete(&self, lease: LeaseRef, result: Option<Value>) -> StoreResult<Job> {
-        validate_result(result.as_ref())?;
-        let query = sqlx::query(sql::COMPLETE_ONE)
-            .bind(lease.job_id)
-            .bind(lease.token)
-            .bind(result)
-            .bind(self.now());
-        self.fenced(lease, query).await
+        Self::fenced(&self.pool, lease, self.complete_query(lease, result)?).await
     }
 
     async fn job_complete_many(
@@ -631,25 +710,11 @@ impl JobStore for PgStore {
     }
 
     async fn job_fail(&self, lease: LeaseRef, failure: &Failure) -> StoreResult<Job> {
-        failure.validate()?;
-        let query = sqlx::query(sql::FAIL)
-            .bind(lease.job_id)
-            .bind(lease.token)
-            .bind(Limits::storable_text(&failure.error))
-            .bind(failure.retryable)
-            .bind(failure.retry_delay_ms)
-            .bind(self.now());
-        self.fenced(lease, query).await
+        Self::fenced(&self.pool, lease, self.fail_query(lease, failure)?).await
     }
 
     async fn job_snooze(&self, lease: LeaseRef, delay_ms: i64) -> StoreResult<Job> {
-        validate_snooze_ms(delay_ms)?;
-        let query = sqlx::query(sql::SNOOZE)
-            .bind(lease.job_id)
-            .bind(lease.token)
-            .bind(delay_ms)
-            .bind(self.now());
-        self.fenced(lease, query).await
+        Self::fenced(&self.pool, lease, self.snooze_query(lease, delay_ms)?).await
     }
 
     async fn job_cancel(&self, id: i64) -> StoreResult<Job> {

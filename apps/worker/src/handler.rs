@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use faultline_domain::Job;
+use faultline_ports::LeaseRef;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -35,6 +37,17 @@ pub struct JobContext {
     pub cancel: CancellationToken,
 }
 
+impl JobContext {
+    /// This attempt's lease: what a fenced write of the outcome presents, e.g. inside the
+    /// handler's own transaction (see [`Outcome::Recorded`]).
+    pub fn lease(&self) -> LeaseRef {
+        LeaseRef {
+            job_id: self.id,
+            token: self.fencing_token,
+        }
+    }
+}
+
 /// How an attempt ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -57,6 +70,24 @@ pub enum Outcome {
         /// How long to wait.
         delay: Duration,
     },
+    /// The handler already recorded this attempt's outcome itself, with a fenced write inside its
+    /// own database transaction (`faultline_postgres::PgStore::job_complete_in`, `job_fail_in`,
+    /// `job_snooze_in` with [`JobContext::lease`]), and that transaction committed: its effects
+    /// and the job's new state are one atomic change. Carries the job as that write returned
+    /// it (boxed: build it with [`Outcome::recorded`]). The runtime writes nothing more for this
+    /// attempt.
+    Recorded(Box<Job>),
+    /// The handler's own fenced write was refused with `StoreError::StaleLease`: the lease is no
+    /// longer held (another worker may own the job now), and the handler rolled its transaction
+    /// back, so none of its writes exist. The runtime writes nothing for this attempt.
+    LeaseLost,
+}
+
+impl Outcome {
+    /// [`Outcome::Recorded`] with the job the handler's own fenced write returned.
+    pub fn recorded(job: Job) -> Self {
+        Outcome::Recorded(Box::new(job))
+    }
 }
 
 /// The code that runs jobs of one kind.

@@ -437,6 +437,14 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
         };
         held.running = false;
         held.run_time = Some(held.started.elapsed());
+        // A recorded outcome committed with the handler's own fenced write, even when a heartbeat
+        // meanwhile found the lease "lost" (it waited on that transaction's row lock and then saw
+        // the job finished): count it as what it is.
+        if let Ok(Ok(Outcome::Recorded(job))) = &finished {
+            let attempt = held.attempt;
+            self.recorded(lease, attempt, job);
+            return;
+        }
         if held.lost {
             job_event!(
                 info,
@@ -448,7 +456,29 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
             return;
         }
         let write = match finished {
-            Ok(Ok(outcome)) => outcome_write(outcome),
+            Ok(Ok(Outcome::Recorded(_))) => return, // handled above
+            Ok(Ok(Outcome::LeaseLost)) => {
+                self.stale(lease, "transaction");
+                return;
+            }
+            Ok(Ok(Outcome::Complete(result))) => {
+                match faultline_ports::validate_result(result.as_ref()) {
+                    Ok(()) => Ok(result),
+                    Err(err) => Err(permanent(format!(
+                        "the handler's result cannot be stored: {err}"
+                    ))),
+                }
+            }
+            Ok(Ok(Outcome::Retry { error, delay })) => Err(Write::Fail(Failure {
+                error,
+                retryable: true,
+                retry_delay_ms: delay.map(store_ms),
+            })),
+            Ok(Ok(Outcome::Fail { error })) => Err(permanent(error)),
+            Ok(Ok(Outcome::Snooze { delay })) => Err(Write::Snooze {
+                delay_ms: store_ms(delay),
+                release: false,
+            }),
             Ok(Err(limit)) => {
                 job_event!(warn, lease, held, timeout = ?limit, "handler timed out");
                 self.stats.add(Counter::timed_out, 1);
@@ -656,6 +686,36 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
             }
         }
         true
+    }
+
+    /// The handler wrote its outcome itself (fenced, in its own committed transaction): only
+    /// the bookkeeping is left. A job that does not match the lease is a handler bug: the
+    /// attempt is failed (retryable) through the lease instead, so the job is never left running.
+    fn recorded(&mut self, lease: LeaseRef, attempt: i32, job: &Job) {
+        let counter = match job.state {
+            _ if job.id != lease.job_id || job.fencing_token != lease.token => None,
+            JobState::Succeeded => Some(Counter::completed),
+            JobState::Failed => Some(Counter::failed),
+            JobState::Cancelled => Some(Counter::cancelled),
+            // A snooze gives the attempt back; a retryable failure keeps it.
+            JobState::Queued if job.attempts < attempt => Some(Counter::snoozed),
+            JobState::Queued => Some(Counter::retried),
+            JobState::Running => None,
+        };
+        match counter {
+            Some(counter) => self.resolved(lease, counter),
+            None => {
+                let error = format!(
+                    "the handler reported an outcome recorded for job {} (token {}, {}), not for \
+                     its own lease (job {}, token {})",
+                    job.id, job.fencing_token, job.state, lease.job_id, lease.token
+                );
+                if let Some(held) = self.held.get(&lease) {
+                    job_event!(error, lease, held, %error, "handler bug: outcome not recorded");
+                }
+                self.others.push_back((lease, retryable(error)));
+            }
+        }
     }
 
     fn write_failed(&mut self, lease: LeaseRef) {
@@ -962,28 +1022,6 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
             }
         }
         self.sync_gauges();
-    }
-}
-
-/// The write for a handler's outcome: `Ok` for a completion, `Err` for the single-job writes.
-fn outcome_write(outcome: Outcome) -> Result<Option<Value>, Write> {
-    match outcome {
-        Outcome::Complete(result) => match faultline_ports::validate_result(result.as_ref()) {
-            Ok(()) => Ok(result),
-            Err(err) => Err(permanent(format!(
-                "the handler's result cannot be stored: {err}"
-            ))),
-        },
-        Outcome::Retry { error, delay } => Err(Write::Fail(Failure {
-            error,
-            retryable: true,
-            retry_delay_ms: delay.map(store_ms),
-        })),
-        Outcome::Fail { error } => Err(permanent(error)),
-        Outcome::Snooze { delay } => Err(Write::Snooze {
-            delay_ms: store_ms(delay),
-            release: false,
-        }),
     }
 }
 
