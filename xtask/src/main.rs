@@ -1,5 +1,6 @@
-//! `cargo xtask`: Faultline's project automation (`test`, `migrate`, `openapi`, `tidy`).
+//! `cargo xtask`: Faultline's project automation (`test`, `migrate`, `openapi`, `tidy`, `drill`).
 
+mod drill;
 mod migrate;
 mod openapi;
 mod server;
@@ -49,6 +50,24 @@ enum Command {
     },
     /// Check dependency directions between the crates and that every .rs file starts with `//!`.
     Tidy,
+    /// Run the failure drills: real `faultline` processes on a real PostgreSQL, real faults
+    /// (SIGKILL, SIGSTOP, a poison pill, a database outage, duplicates, SIGTERM), invariants
+    /// checked from the database; exits non-zero when any drill fails.
+    ///
+    /// Uses DATABASE_URL when set, else a private cluster (`db-outage` always starts its own).
+    /// Writes a table to stdout and target/drills/summary.json; process logs go to
+    /// target/drills/<drill>/. DRILL_SEED=N replays a run's random choices (seed in the summary).
+    Drill {
+        /// Fewer jobs and rounds (CI: all drills in about 5 minutes).
+        #[arg(long)]
+        short: bool,
+        /// List the drills and what each proves, and exit.
+        #[arg(long)]
+        list: bool,
+        /// Drills to run (all when none is named).
+        #[arg(value_name = "NAME")]
+        names: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -60,6 +79,11 @@ fn main() -> ExitCode {
         }
         Command::Openapi { check } => openapi::run(check),
         Command::Tidy => tidy::run().map(|()| ExitCode::SUCCESS),
+        Command::Drill { list: true, .. } => {
+            drill::list();
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Drill { short, names, .. } => drill::run(&names, short),
     };
     match result {
         Ok(code) => code,

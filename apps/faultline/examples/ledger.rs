@@ -14,7 +14,8 @@
 //! cargo run -p faultline --example ledger -- check          # one ledger row per job? exit 1 if not
 //! ```
 //!
-//! `worker` flags: `--id ID`, `--concurrency N` (8), `--lease-ms MS` (30000), `--poll-ms MS` (1000),
+//! `setup` flag: `--work-ms MIN-MAX` (5-45), how long each transfer's handler works before its
+//! transaction. `worker` flags: `--id ID`, `--concurrency N` (8), `--lease-ms MS` (30000), `--poll-ms MS` (1000),
 //! `--rescue-ms MS` (15000). `cargo xtask drill exactly-once` runs several workers under SIGKILL and
 //! SIGSTOP and then `check`.
 
@@ -172,8 +173,9 @@ async fn pool(size: u32) -> anyhow::Result<(PgPool, PgConnectOptions)> {
     Ok((pool, connect))
 }
 
-/// Creates the tables (anew), opens the accounts and enqueues `transfers` jobs.
-async fn setup(transfers: usize) -> anyhow::Result<()> {
+/// Creates the tables (anew), opens the accounts and enqueues `transfers` jobs, each working for
+/// `work_ms.0..=work_ms.1` milliseconds.
+async fn setup(transfers: usize, work_ms: (u64, u64)) -> anyhow::Result<()> {
     let (pool, _) = pool(2).await?;
     faultline_postgres::migrate(&pool).await?;
     for statement in [
@@ -216,7 +218,7 @@ async fn setup(transfers: usize) -> anyhow::Result<()> {
                 "from": from,
                 "to": to,
                 "amount_cents": 1 + next(10_000),
-                "work_ms": 5 + next(40),
+                "work_ms": work_ms.0 + next(work_ms.1 - work_ms.0 + 1),
             });
             JobSpec::new(KIND, payload).idempotency_key(format!("transfer-{n}"))
         })
@@ -389,10 +391,16 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
     match args.first().map(String::as_str) {
         Some("setup") => {
             let transfers = match rest.first() {
-                Some(n) => n.parse().context("setup N: N transfers")?,
-                None => 1_000,
+                Some(n) if !n.starts_with("--") => n.parse().context("setup N: N transfers")?,
+                _ => 1_000,
             };
-            setup(transfers).await?;
+            let range: String = flag(rest, "--work-ms", "5-45".to_owned())?;
+            let work_ms = range
+                .split_once('-')
+                .and_then(|(low, high)| Some((low.parse().ok()?, high.parse().ok()?)))
+                .filter(|(low, high): &(u64, u64)| low <= high)
+                .with_context(|| format!("--work-ms {range:?}: expected MIN-MAX"))?;
+            setup(transfers, work_ms).await?;
         }
         Some("worker") => worker(rest).await?,
         Some("check") => {
@@ -400,7 +408,9 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
                 return Ok(std::process::ExitCode::FAILURE);
             }
         }
-        _ => bail!("usage: ledger setup [N] | worker [--id ID ...] | check [--all-succeeded]"),
+        _ => bail!(
+            "usage: ledger setup [N] [--work-ms MIN-MAX] | worker [--id ID ...] | check [--all-succeeded]"
+        ),
     }
     Ok(std::process::ExitCode::SUCCESS)
 }
