@@ -398,6 +398,129 @@ async fn fenced_batch_updates_look_jobs_up_by_primary_key_under_many_running_job
     );
 }
 
+/// The plan `conn` would cache for `statement` (prepared as `name` with parameter `types`), shown
+/// by executing it with `values` under EXPLAIN. Unlike EXPLAIN with bound values, this honours the
+/// connection's `plan_cache_mode`.
+async fn cached_plan(
+    conn: &mut sqlx::PgConnection,
+    name: &str,
+    types: &str,
+    statement: &str,
+    values: &str,
+) -> Vec<String> {
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "prepare {name}({types}) as {statement}"
+    )))
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let plan: Value = sqlx::query_scalar(AssertSqlSafe(format!(
+        "explain (format json) execute {name}({values})"
+    )))
+    .fetch_one(&mut *conn)
+    .await
+    .expect("explain");
+    let mut nodes = Vec::new();
+    plan_nodes(&plan, &mut nodes);
+    nodes
+}
+
+#[tokio::test]
+async fn hot_statements_look_jobs_up_by_primary_key_under_forced_generic_plans() {
+    // `plan_cache_mode = force_generic_plan` (what the binary sets, PERF-NOTES trap 2) plans
+    // without the bound values: the claim's `limit $3` is unknown, and a join of the picked jobs
+    // with the table can become a hash join over a sequential scan of the whole history on every
+    // claim (measured 4 ms per claim at 20 000 jobs, and it grows with the history). It happens
+    // when the statistics were taken during a large backlog: many queued jobs per claim expected.
+    let db = TestDb::fresh().await;
+    let pool = db.pool();
+    let store = PgStore::new(pool.clone());
+    let specs: Vec<JobSpec> = (0..20_000).map(|_| spec("plan")).collect();
+    for batch in specs.chunks(5_000) {
+        store.job_enqueue_many(batch).await.unwrap();
+    }
+    sqlx::query("analyze faultline_jobs")
+        .execute(pool)
+        .await
+        .unwrap();
+
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query("set plan_cache_mode = force_generic_plan")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    // EXPLAIN with bound values plans for those values; only EXECUTE of a prepared statement
+    // shows the plan a pooled connection really caches.
+    let claims = [
+        (
+            "claim (one queue)",
+            faultline_postgres::sql::CLAIM_ONE_QUEUE,
+            "text",
+            "'plan'",
+        ),
+        (
+            "claim (several queues)",
+            faultline_postgres::sql::CLAIM_MANY_QUEUES,
+            "text[]",
+            "'{plan,other}'",
+        ),
+    ];
+    for (n, (what, statement, queue_type, queues)) in claims.into_iter().enumerate() {
+        let nodes = cached_plan(
+            &mut conn,
+            &format!("claim_{n}"),
+            &format!("{queue_type}, text[], int8, text, int8, timestamptz"),
+            statement,
+            &format!("{queues}, '{{}}', 32, 'w', 30000, null"),
+        )
+        .await;
+        assert_primary_key_lookups(&nodes, what);
+        assert!(
+            nodes
+                .iter()
+                .any(|n| n == "Index Scan on faultline_jobs_claim_idx"),
+            "{what}: candidates come from the claim index: {nodes:?}"
+        );
+    }
+
+    // The fenced batch writes, with thousands of jobs running (PERF-NOTES trap 1 as well).
+    let claimed = store
+        .job_claim(&ClaimParams {
+            queues: vec!["plan".into()],
+            kinds: vec![],
+            limit: 5_000,
+            lease_ms: 60_000,
+            worker_id: "w".into(),
+        })
+        .await
+        .unwrap();
+    let ids: Vec<String> = claimed
+        .iter()
+        .take(1_000)
+        .map(|j| j.id.to_string())
+        .collect();
+    let tokens = vec!["1"; ids.len()];
+    let (ids, tokens) = (ids.join(","), tokens.join(","));
+    let batches = [
+        (
+            "complete_many",
+            faultline_postgres::sql::COMPLETE_MANY,
+            "int8[], int8[], jsonb[], timestamptz",
+            format!("'{{{ids}}}', '{{{tokens}}}', null, null"),
+        ),
+        (
+            "heartbeat_many",
+            faultline_postgres::sql::HEARTBEAT_MANY,
+            "int8[], int8[], int8, timestamptz",
+            format!("'{{{ids}}}', '{{{tokens}}}', 60000, null"),
+        ),
+    ];
+    for (what, statement, types, values) in batches {
+        let nodes = cached_plan(&mut conn, what, types, statement, &values).await;
+        assert_primary_key_lookups(&nodes, what);
+    }
+}
+
 /// The backlog sample reads only the partial claim and rescue indexes, never the finished
 /// history, however much of it the table holds; and it still counts right.
 #[tokio::test]

@@ -1,5 +1,7 @@
-//! `cargo xtask`: Faultline's project automation (`test`, `migrate`, `openapi`, `tidy`, `drill`).
+//! `cargo xtask`: Faultline's project automation (`test`, `migrate`, `openapi`, `tidy`, `drill`,
+//! `bench`).
 
+mod bench;
 mod drill;
 mod migrate;
 mod openapi;
@@ -68,6 +70,9 @@ enum Command {
         #[arg(value_name = "NAME")]
         names: Vec<String>,
     },
+    /// Benchmark the workloads of issue 7 (W1 insert, W2 drain, W3 latency, W4 history, W5 HTTP)
+    /// on release builds; table on stdout, JSON lines in target/bench/ (see docs/performance.md).
+    Bench(Box<bench::Settings>),
 }
 
 fn main() -> ExitCode {
@@ -84,6 +89,7 @@ fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }
         Command::Drill { short, names, .. } => drill::run(&names, short),
+        Command::Bench(settings) => bench::run(*settings),
     };
     match result {
         Ok(code) => code,

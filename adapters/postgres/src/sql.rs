@@ -153,7 +153,11 @@ from faultline_jobs
 where idempotency_key = any($1::text[])";
 
 /// The update half of both claims: leases the `picked` jobs (1 queue(s), 2 kinds, 3 limit,
-/// 4 worker, 5 lease_ms, 6 clock).
+/// 4 worker, 5 lease_ms, 6 clock). The picked ids arrive as an array (`id = any(array(...))`), so
+/// the update looks each one up by primary key: joining the `picked` CTE instead lets the generic
+/// plan (with `limit $3` unknown, and `plan_cache_mode = force_generic_plan`, as the binary sets
+/// it) hash-join it against a sequential scan of the whole table, history included, on every
+/// claim (3.7 ms instead of 0.4 ms for 32 jobs out of 20 000, measured with EXPLAIN ANALYZE).
 macro_rules! claim_update {
     () => {
         "
@@ -164,8 +168,8 @@ set state = 'running',
     lease_owner = $4::text,
     lease_expires_at = c.now + $5::int8 * interval '1 millisecond',
     started_at = c.now
-from picked p, clock c
-where j.id = p.id
+from clock c
+where j.id = any(array(select id from picked))
 returning "
     };
 }

@@ -66,12 +66,13 @@ pub(crate) struct WorkerArgs {
     #[arg(long, env = "FAULTLINE_SHUTDOWN_GRACE", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub(crate) shutdown_grace: Duration,
 
-    /// At most this many completions are written in one statement.
+    /// At most this many completions are written in one statement; also the most claimed short
+    /// jobs that wait for a free slot in the worker's local buffer.
     #[arg(
         long,
         env = "FAULTLINE_COMPLETION_BATCH_SIZE",
         value_name = "N",
-        default_value_t = 100
+        default_value_t = 1_000
     )]
     pub(crate) completion_batch_size: usize,
 

@@ -4,7 +4,9 @@
 //!
 //! The loop sleeps until the earliest of its deadlines (poll, heartbeat, write retry,
 //! maintenance) or until a job finishes or a wake-up arrives: no busy loop when idle, and no
-//! claim while every slot is busy.
+//! claim while every slot is busy and the buffer full. A claim and a batch of completions go to
+//! the store at once ([`Worker::exchange`]), and outcomes pile up while they are on their way, so
+//! the busier the worker, the larger its batches (no timer adds latency to batch them).
 
 use tokio::time::{Duration, Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
@@ -88,15 +90,7 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
                 _ => {}
             }
             self.collect_finished();
-
-            let now = Instant::now();
-            if self.pending_writes() > 0 && write_backoff.is_ready(now) {
-                if self.write_pending().await {
-                    write_backoff.succeeded();
-                } else {
-                    write_backoff.failed(Instant::now());
-                }
-            }
+            self.start_buffered();
 
             let now = Instant::now();
             if now >= next_heartbeat {
@@ -130,34 +124,54 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
                 next_prune = Some(Instant::now() + interval);
             }
 
+            // Claim (up to the free slots plus the buffer's room) and write outcomes, at once.
             let now = Instant::now();
-            let free = self.free_slots();
-            if claiming
-                && free > 0
+            let claim = claiming
+                && self.claim_room() > 0
                 && (claim_wanted || now >= next_poll)
-                && claim_backoff.is_ready(now)
-            {
+                && claim_backoff.is_ready(now);
+            let write = self.pending_writes() > 0 && write_backoff.is_ready(now);
+            if claim || write {
                 let idle = self.live_leases() == 0;
-                match self.claim_once().await {
-                    Ok(claimed) => {
-                        claim_backoff.succeeded();
-                        claim_wanted = claimed == free;
-                        if idle && claimed > 0 {
-                            next_heartbeat = Instant::now() + heartbeat_every;
-                        }
-                    }
-                    Err(_) => {
-                        claim_backoff.failed(now);
-                        claim_wanted = true;
+                // New store calls stop when the heartbeat or the maintenance is due.
+                let until = [Some(next_heartbeat), next_rescue, next_prune]
+                    .into_iter()
+                    .flatten()
+                    .min()
+                    .unwrap_or(now + FAR);
+                let may_claim = claiming && claim_backoff.is_ready(now);
+                let done = self
+                    .exchange(claim, write, until, wake.as_mut(), may_claim)
+                    .await;
+                if write {
+                    if done.written {
+                        write_backoff.succeeded();
+                    } else {
+                        write_backoff.failed(Instant::now());
                     }
                 }
-                next_poll = Instant::now() + config.poll_interval;
+                if let Some(claimed) = done.claimed {
+                    match claimed {
+                        Ok((claimed, full)) => {
+                            claim_backoff.succeeded();
+                            claim_wanted = full;
+                            if idle && claimed > 0 {
+                                next_heartbeat = Instant::now() + heartbeat_every;
+                            }
+                        }
+                        Err(_) => {
+                            claim_backoff.failed(now);
+                            claim_wanted = true;
+                        }
+                    }
+                    next_poll = Instant::now() + config.poll_interval;
+                }
             }
 
             // Sleep until the earliest deadline, a finished job, a wake-up or the stop signal.
             let now = Instant::now();
             let mut wake_at = now + FAR;
-            if claiming && self.free_slots() > 0 {
+            if claiming && self.claim_room() > 0 {
                 let at = if claim_wanted {
                     claim_backoff.ready_at().unwrap_or(now)
                 } else {
@@ -179,7 +193,7 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
             }
             self.sync_gauges();
 
-            let listen = claiming && !claim_wanted && self.free_slots() > 0;
+            let listen = claiming && !claim_wanted && self.claim_room() > 0;
             let stopped = async {
                 match until {
                     Until::Stopped(token) => token.cancelled().await,

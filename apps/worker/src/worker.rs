@@ -2,21 +2,24 @@
 //! outcomes. This file holds the state and the step API; `run.rs` holds the production loop.
 //!
 //! Every lease the worker holds is one entry of `held`, keyed by (job id, fencing token), from the
-//! claim until its outcome is written, dropped, or the lease is found lost. Writes wait in
+//! claim until its outcome is written, dropped, or the lease is found lost. The production loop may
+//! claim a few more jobs than it has free slots: those wait in `buffered` (their leases held and
+//! heartbeated like the others) until a slot frees, and are given back at once on shutdown. Writes wait in
 //! `completions` (batched) and `others` (failures and snoozes, one call each) until the store
 //! accepts or refuses them; a write whose lease ended (by the worker's clock) is dropped.
 
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use faultline_domain::{Job, JobState, Limits};
 use faultline_ports::{
-    ClaimParams, Clock, Failure, HeartbeatOutcome, JobStore, LabelGuard, LeaseRef, StoreError,
-    StoreResult, WriteOutcome,
+    ClaimParams, Clock, Failure, HeartbeatOutcome, JobStore, LabelGuard, LeaseRef, MAX_CLAIM_LIMIT,
+    StoreError, StoreResult, WriteOutcome,
 };
 use serde_json::Value;
 use tokio::sync::watch;
@@ -32,6 +35,9 @@ use crate::{JobContext, Outcome, Registry};
 /// What a finished job task hands back: the handler's outcome, or the timeout that stopped it.
 type Finished = Result<Outcome, Duration>;
 
+/// Completions to write: each lease with the handler's result.
+type Completions = Vec<(LeaseRef, Option<Value>)>;
+
 /// A step's account of what it did (see the step methods of [`Worker`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StepReport {
@@ -44,6 +50,16 @@ pub struct StepReport {
     /// Outcomes still waiting to be written after the step (the store was unreachable); a later
     /// step retries them while their leases last.
     pub pending_writes: usize,
+}
+
+/// What one [`Worker::exchange`] did.
+#[derive(Debug)]
+pub(crate) struct Exchanged {
+    /// `None`: nothing was claimed; `Some(Ok((jobs, full)))`: the claims went through, and the
+    /// last one came back full (more jobs are probably waiting); `Some(Err(_))`: a claim failed.
+    pub(crate) claimed: Option<StoreResult<(usize, bool)>>,
+    /// Every write went through (`false`: the store could not be reached; they are pending).
+    pub(crate) written: bool,
 }
 
 /// What one [`Worker::heartbeat_once`] learnt.
@@ -140,6 +156,11 @@ pub struct Worker<S: JobStore, C: Clock> {
     task_leases: HashMap<task::Id, LeaseRef>,
     completions: Vec<(LeaseRef, Option<Value>)>,
     others: VecDeque<(LeaseRef, Write)>,
+    /// Claimed jobs waiting for a free slot, oldest first (each also has its entry in `held`).
+    buffered: VecDeque<Job>,
+    /// Moving average of handler run times in seconds: sizes the buffer (see
+    /// [`Worker::claim_room`]).
+    run_time_avg: Option<f64>,
     /// Set by a shutdown: the worker claims nothing more.
     pub(crate) draining: bool,
     /// Bounds the `queue` and `kind` label values of the worker's metrics.
@@ -199,6 +220,8 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
             task_leases: HashMap::new(),
             completions: Vec::new(),
             others: VecDeque::new(),
+            buffered: VecDeque::new(),
+            run_time_avg: None,
             draining: false,
             labels: LabelGuard::default(),
             reported_in_flight: 0,
@@ -295,25 +318,19 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
         what: &str,
         fut: impl Future<Output = StoreResult<T>>,
     ) -> StoreResult<T> {
-        let limit = self.config.store_timeout;
-        let result = match tokio::time::timeout(limit, fut).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::Backend(
-                format!("{what} took longer than {limit:?}").into(),
-            )),
-        };
-        let failed = result
-            .as_ref()
-            .is_err_and(|err| !matches!(err, StoreError::StaleLease { .. }));
-        let reached = !matches!(result, Err(StoreError::Backend(_)));
-        telemetry::store_call(what, reached, failed);
-        if let Err(err) = &result
-            && failed
+        let result = timed(self.config.store_timeout, what, fut).await;
+        self.note_failure(what, &result);
+        result
+    }
+
+    /// Counts and logs a failed store call (a stale lease is an answer, not a failure).
+    fn note_failure<T>(&self, what: &str, result: &StoreResult<T>) {
+        if let Err(err) = result
+            && !matches!(err, StoreError::StaleLease { .. })
         {
             self.count(Counter::db_errors, 1);
             tracing::warn!(worker_id = %self.config.worker_id, error = %err, "store call failed: {what}");
         }
-        result
     }
 
     // ----- claiming and running -------------------------------------------------------------
@@ -325,21 +342,247 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
         if self.draining || free == 0 {
             return Ok(0);
         }
-        let params = ClaimParams {
+        let params = self.claim_params(free);
+        let jobs = self.call("claim", self.store.job_claim(&params)).await?;
+        Ok(self.apply_claim(jobs))
+    }
+
+    fn claim_params(&self, limit: usize) -> ClaimParams {
+        ClaimParams {
             queues: self.config.queues.clone(),
             kinds: Vec::new(),
-            limit: u32::try_from(free).unwrap_or(u32::MAX),
+            limit: u32::try_from(limit.min(MAX_CLAIM_LIMIT as usize)).unwrap_or(MAX_CLAIM_LIMIT),
             lease_ms: self.config.lease_ms(),
             worker_id: self.config.worker_id.clone(),
-        };
-        let jobs = self.call("claim", self.store.job_claim(&params)).await?;
+        }
+    }
+
+    /// Takes freshly claimed jobs: starts them in the free slots (after the jobs already
+    /// waiting), buffers the rest. Returns how many there were.
+    fn apply_claim(&mut self, jobs: Vec<Job>) -> usize {
         let claimed = jobs.len();
         self.count(Counter::claimed, claimed);
+        self.start_buffered();
         for job in jobs {
-            self.start(job);
+            if self.free_slots() > 0 {
+                self.start(job);
+            } else {
+                self.buffer(job);
+            }
         }
         self.sync_gauges();
-        Ok(claimed)
+        claimed
+    }
+
+    /// How many jobs the production loop claims now: the free slots, plus room in the buffer.
+    /// The buffer holds about what the slots finish within [`BUFFER_HORIZON`] at the handlers'
+    /// average run time (nothing for jobs that run longer than the horizon, so slow jobs are not
+    /// hoarded away from other workers), and at most one completion batch.
+    pub(crate) fn claim_room(&self) -> usize {
+        (self.claim_capacity() - self.tasks.len().min(self.config.concurrency))
+            .saturating_sub(self.buffered.len())
+            .min(MAX_CLAIM_LIMIT as usize)
+    }
+
+    /// Slots plus the buffer's current size (see [`Worker::claim_room`]).
+    fn claim_capacity(&self) -> usize {
+        let buffer = self.run_time_avg.map_or(0, |avg| {
+            let ahead =
+                self.config.concurrency as f64 * BUFFER_HORIZON.as_secs_f64() / avg.max(1e-6);
+            (ahead as usize).min(self.config.completion_batch_size)
+        });
+        self.config.concurrency + buffer
+    }
+
+    /// Holds a claimed job until a slot frees (its lease is heartbeated meanwhile).
+    fn buffer(&mut self, job: Job) {
+        let lease = LeaseRef::of(&job);
+        let held = Held {
+            kind: job.kind.clone(),
+            attempt: job.attempts,
+            labels: JobLabels::of(&self.labels, &job),
+            started: tokio::time::Instant::now(),
+            run_time: None,
+            lease_expires_at: job.lease_expires_at.unwrap_or_else(|| self.clock.now()),
+            cancel: CancellationToken::new(),
+            running: false,
+            lost: false,
+            cancel_requested: false,
+            write_failed: false,
+        };
+        self.held.insert(lease, held);
+        self.buffered.push_back(job);
+    }
+
+    /// Starts buffered jobs in the free slots, oldest first. A job whose lease was found lost
+    /// meanwhile is skipped; one whose lease ended (by the worker's clock) is dropped as lost.
+    pub(crate) fn start_buffered(&mut self) {
+        let now = self.clock.now();
+        while self.free_slots() > 0
+            && let Some(mut job) = self.buffered.pop_front()
+        {
+            let lease = LeaseRef::of(&job);
+            let Some(held) = self.held.get(&lease) else {
+                continue; // lost while buffered
+            };
+            if held.lease_expires_at <= now {
+                self.lose(lease, "the lease ended while the job waited for a slot");
+                continue;
+            }
+            let cancel_requested = held.cancel_requested;
+            job.lease_expires_at = Some(held.lease_expires_at);
+            self.start(job);
+            if cancel_requested && let Some(held) = self.held.get_mut(&lease) {
+                held.cancel_requested = true;
+                held.cancel.cancel();
+            }
+        }
+    }
+
+    /// Jobs claimed and waiting for a slot.
+    pub fn buffered(&self) -> usize {
+        self.buffered.len()
+    }
+
+    /// At shutdown: gives back the leases of buffered jobs (they never started).
+    fn release_buffered(&mut self) {
+        for job in std::mem::take(&mut self.buffered) {
+            let lease = LeaseRef::of(&job);
+            if let Some(held) = self.held.get(&lease) {
+                job_event!(
+                    debug,
+                    lease,
+                    held,
+                    "shutting down: giving back a job that never started"
+                );
+                self.others.push_back((
+                    lease,
+                    Write::Snooze {
+                        delay_ms: 0,
+                        release: true,
+                    },
+                ));
+            }
+        }
+    }
+
+    /// The production loop's store traffic: claims (up to the room for jobs) and writes of
+    /// completion batches, on two tracks that run at once (each on its own pool connection), while
+    /// jobs finishing meanwhile are collected and buffered jobs start in the freed slots. A track
+    /// that finishes starts its next call at once when there is work for it: another claim when the
+    /// last one came back full and half the room is free again, another batch when completions are
+    /// pending. Returns when both tracks are idle (no new call starts after `until`), then writes
+    /// the other pending outcomes (failures, snoozes). `claim`: start with a claim; `write`: write
+    /// what is pending; `wake`: while the claim track is idle and a write is on its way, a wake-up
+    /// from it starts a claim at once (when `may_claim`) instead of after the write.
+    pub(crate) async fn exchange(
+        &mut self,
+        claim: bool,
+        write: bool,
+        until: tokio::time::Instant,
+        mut wake: Option<&mut watch::Receiver<u64>>,
+        may_claim: bool,
+    ) -> Exchanged {
+        /// A store call in flight.
+        type Call<T> = Option<Pin<Box<dyn Future<Output = T> + Send>>>;
+        /// Waits for the call in `slot` (only polled when there is one).
+        async fn finish<T>(slot: &mut Call<T>) -> T {
+            match slot.as_mut() {
+                Some(call) => call.as_mut().await,
+                None => std::future::pending().await,
+            }
+        }
+        if write {
+            self.drop_expired_writes();
+        }
+        let (store, limit) = (self.store.clone(), self.config.store_timeout);
+        let mut claiming: Call<StoreResult<Vec<Job>>> = None;
+        let mut writing: Call<(Completions, StoreResult<Vec<WriteOutcome>>)> = None;
+        let (mut claim_more, mut write_more) = (claim && !self.draining, write);
+        let mut first_claim = true;
+        let mut asked = 0;
+        let mut claimed: Option<StoreResult<(usize, bool)>> = None;
+        let mut written = true;
+        loop {
+            let open = tokio::time::Instant::now() < until;
+            if claiming.is_none() && claim_more && (open || first_claim) {
+                let room = self.claim_room();
+                if room > 0 && (first_claim || room >= self.claim_capacity().div_ceil(2)) {
+                    let params = self.claim_params(room);
+                    let store = store.clone();
+                    asked = room;
+                    claiming = Some(Box::pin(async move {
+                        timed(limit, "claim", store.job_claim(&params)).await
+                    }));
+                } else if first_claim {
+                    claim_more = false;
+                }
+                first_claim = false;
+            }
+            if writing.is_none() && write_more && !self.completions.is_empty() {
+                let batch = self.take_completion_batch();
+                let store = store.clone();
+                writing = Some(Box::pin(async move {
+                    let result = timed(limit, "complete", store.job_complete_many(&batch)).await;
+                    (batch, result)
+                }));
+            }
+            if claiming.is_none() && writing.is_none() {
+                break;
+            }
+            tokio::select! {
+                result = finish(&mut claiming), if claiming.is_some() => {
+                    claiming = None;
+                    self.note_failure("claim", &result);
+                    match result {
+                        Ok(jobs) => {
+                            let full = jobs.len() >= asked;
+                            let n = self.apply_claim(jobs);
+                            let total = match &claimed {
+                                Some(Ok((total, _))) => *total,
+                                _ => 0,
+                            };
+                            claimed = Some(Ok((total + n, full)));
+                            claim_more = full;
+                        }
+                        Err(err) => {
+                            claimed = Some(Err(err));
+                            claim_more = false;
+                        }
+                    }
+                }
+                result = finish(&mut writing), if writing.is_some() => {
+                    writing = None;
+                    let (batch, result) = result;
+                    self.note_failure("complete", &result);
+                    if !self.apply_completions(batch, result) {
+                        written = false;
+                        write_more = false;
+                    }
+                }
+                _ = self.next_finished(), if self.has_tasks() => {
+                    self.collect_finished();
+                    self.start_buffered();
+                }
+                open = async {
+                    match wake.as_mut() {
+                        Some(rx) => rx.changed().await.is_ok(),
+                        None => std::future::pending().await,
+                    }
+                }, if may_claim && !self.draining && claiming.is_none() && !claim_more => {
+                    if open {
+                        (claim_more, first_claim) = (true, true);
+                    } else {
+                        wake = None; // closed: the event loop notices and says so
+                    }
+                }
+            }
+        }
+        if write && written {
+            written = self.write_others().await;
+        }
+        self.sync_gauges();
+        Exchanged { claimed, written }
     }
 
     /// Starts the handler of a freshly claimed job in its own task (or queues the permanent
@@ -599,49 +842,67 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
 
     async fn write_completions(&mut self) -> bool {
         while !self.completions.is_empty() {
-            let n = self
-                .completions
-                .len()
-                .min(self.config.completion_batch_size);
-            let batch: Vec<(LeaseRef, Option<Value>)> = self.completions.drain(..n).collect();
+            let batch = self.take_completion_batch();
             let result = self
                 .call("complete", self.store.job_complete_many(&batch))
-                .await
-                .and_then(|outcomes| {
-                    if outcomes.len() == batch.len() {
-                        Ok(outcomes)
-                    } else {
-                        Err(StoreError::Backend(
-                            format!(
-                                "{} outcomes for {} completions",
-                                outcomes.len(),
-                                batch.len()
-                            )
-                            .into(),
-                        ))
-                    }
-                });
-            match result {
-                Ok(outcomes) => {
-                    for ((lease, _), outcome) in batch.iter().zip(outcomes) {
-                        match outcome {
-                            WriteOutcome::Accepted => self.resolved(*lease, Counter::completed),
-                            WriteOutcome::Stale => self.stale(*lease, "complete"),
-                        }
+                .await;
+            if !self.apply_completions(batch, result) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The next completions to write in one statement.
+    fn take_completion_batch(&mut self) -> Completions {
+        let n = self
+            .completions
+            .len()
+            .min(self.config.completion_batch_size);
+        self.completions.drain(..n).collect()
+    }
+
+    /// Records what the store answered to a batch of completions; `false` when it could not be
+    /// reached (the batch is pending again, first in line).
+    fn apply_completions(
+        &mut self,
+        batch: Completions,
+        result: StoreResult<Vec<WriteOutcome>>,
+    ) -> bool {
+        let result = result.and_then(|outcomes| {
+            if outcomes.len() == batch.len() {
+                Ok(outcomes)
+            } else {
+                Err(StoreError::Backend(
+                    format!(
+                        "{} outcomes for {} completions",
+                        outcomes.len(),
+                        batch.len()
+                    )
+                    .into(),
+                ))
+            }
+        });
+        match result {
+            Ok(outcomes) => {
+                for ((lease, _), outcome) in batch.iter().zip(outcomes) {
+                    match outcome {
+                        WriteOutcome::Accepted => self.resolved(*lease, Counter::completed),
+                        WriteOutcome::Stale => self.stale(*lease, "complete"),
                     }
                 }
-                Err(StoreError::Backend(_)) => {
-                    for (lease, _) in &batch {
-                        self.write_failed(*lease);
-                    }
-                    let rest = std::mem::replace(&mut self.completions, batch);
-                    self.completions.extend(rest);
-                    return false;
+            }
+            Err(StoreError::Backend(_)) => {
+                for (lease, _) in &batch {
+                    self.write_failed(*lease);
                 }
-                Err(_) => {
-                    for (lease, _) in batch {
-                        self.refused(lease);
-                    }
+                let rest = std::mem::replace(&mut self.completions, batch);
+                self.completions.extend(rest);
+                return false;
+            }
+            Err(_) => {
+                for (lease, _) in batch {
+                    self.refused(lease);
                 }
             }
         }
@@ -727,6 +988,10 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
     fn resolved(&mut self, lease: LeaseRef, counter: Counter) {
         self.count(counter, 1);
         if let Some(held) = self.held.remove(&lease) {
+            if let Some(run_time) = held.run_time {
+                let t = run_time.as_secs_f64();
+                self.run_time_avg = Some(self.run_time_avg.map_or(t, |avg| avg + 0.2 * (t - avg)));
+            }
             telemetry::accepted(&held.labels, counter, held.run_time);
             job_event!(debug, lease, held, outcome = ?counter, "outcome written");
         }
@@ -931,6 +1196,7 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
     pub async fn shutdown(&mut self, grace: Duration) -> ShutdownReport {
         let before = self.stats.counters();
         self.draining = true;
+        self.release_buffered();
         tracing::info!(
             worker_id = %self.config.worker_id,
             in_flight = self.tasks.len(),
@@ -1023,6 +1289,30 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
         }
         self.sync_gauges();
     }
+}
+
+/// How far ahead the production loop's buffer looks (see [`Worker::claim_room`]).
+const BUFFER_HORIZON: Duration = Duration::from_millis(25);
+
+/// Runs a store call with a time limit (a timeout is a backend error) and records it in the
+/// store-call metrics.
+async fn timed<T>(
+    limit: Duration,
+    what: &str,
+    fut: impl Future<Output = StoreResult<T>>,
+) -> StoreResult<T> {
+    let result = match tokio::time::timeout(limit, fut).await {
+        Ok(result) => result,
+        Err(_) => Err(StoreError::Backend(
+            format!("{what} took longer than {limit:?}").into(),
+        )),
+    };
+    let failed = result
+        .as_ref()
+        .is_err_and(|err| !matches!(err, StoreError::StaleLease { .. }));
+    let reached = !matches!(result, Err(StoreError::Backend(_)));
+    telemetry::store_call(what, reached, failed);
+    result
 }
 
 fn permanent(error: String) -> Write {

@@ -3,6 +3,7 @@
 //! PostgreSQL for the key paths; handlers that record their outcome in their own transaction
 //! (exactly-once effects); and the metrics the worker records.
 
+mod buffer;
 mod exactly_once;
 mod memory;
 mod metrics;
