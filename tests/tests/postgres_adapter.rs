@@ -309,6 +309,20 @@ fn assert_primary_key_lookups(nodes: &[String], what: &str) {
     );
 }
 
+/// Claims up to `limit` jobs of the queue `plan` for a minute.
+async fn claim_plan_jobs(store: &PgStore, limit: u32) -> Vec<faultline_ports::domain::Job> {
+    store
+        .job_claim(&ClaimParams {
+            queues: vec!["plan".into()],
+            kinds: vec![],
+            limit,
+            lease_ms: 60_000,
+            worker_id: "w".into(),
+        })
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn fenced_batch_updates_look_jobs_up_by_primary_key_under_many_running_jobs() {
     let db = TestDb::fresh().await;
@@ -334,16 +348,7 @@ async fn fenced_batch_updates_look_jobs_up_by_primary_key_under_many_running_job
         .execute(pool)
         .await
         .unwrap();
-    let claimed = store
-        .job_claim(&ClaimParams {
-            queues: vec!["plan".into()],
-            kinds: vec![],
-            limit: 5_000,
-            lease_ms: 60_000,
-            worker_id: "w".into(),
-        })
-        .await
-        .unwrap();
+    let claimed = claim_plan_jobs(&store, 5_000).await;
     assert_eq!(claimed.len(), 5_000);
     let leases: Vec<LeaseRef> = claimed.iter().take(1_000).map(LeaseRef::of).collect();
     let ids: Vec<i64> = leases.iter().map(|l| l.job_id).collect();
@@ -484,16 +489,7 @@ async fn hot_statements_look_jobs_up_by_primary_key_under_forced_generic_plans()
     }
 
     // The fenced batch writes, with thousands of jobs running (PERF-NOTES trap 1 as well).
-    let claimed = store
-        .job_claim(&ClaimParams {
-            queues: vec!["plan".into()],
-            kinds: vec![],
-            limit: 5_000,
-            lease_ms: 60_000,
-            worker_id: "w".into(),
-        })
-        .await
-        .unwrap();
+    let claimed = claim_plan_jobs(&store, 5_000).await;
     let ids: Vec<String> = claimed
         .iter()
         .take(1_000)
