@@ -1,6 +1,7 @@
 //! `cargo xtask`: Faultline's project automation (`test`, `migrate`, `openapi`, `tidy`, `drill`,
 //! `bench`).
 
+mod admin;
 mod bench;
 mod drill;
 mod migrate;

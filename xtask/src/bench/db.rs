@@ -36,23 +36,6 @@ pub(crate) fn connect_options(url: &str) -> anyhow::Result<PgConnectOptions> {
         .options([("plan_cache_mode", "force_generic_plan")]))
 }
 
-/// `url` with its database replaced by `database`.
-fn url_for(url: &str, database: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
-    };
-    let authority_end = base.find("://").map_or(0, |i| {
-        i + 3 + base[i + 3..].find('/').unwrap_or(base.len() - i - 3)
-    });
-    let mut out = format!("{}/{database}", &base[..authority_end]);
-    if let Some(query) = query {
-        out.push('?');
-        out.push_str(query);
-    }
-    out
-}
-
 impl BenchDb {
     /// Drops `name` if it exists, creates it and applies the migrations (not timed).
     pub(crate) async fn fresh(server_url: &str, name: &str) -> anyhow::Result<BenchDb> {
@@ -60,20 +43,12 @@ impl BenchDb {
         let mut conn = PgConnection::connect_with(&admin)
             .await
             .with_context(|| format!("connect to {server_url}"))?;
-        for statement in [
-            format!("drop database if exists \"{name}\" with (force)"),
-            format!("create database \"{name}\""),
-        ] {
-            sqlx::query(AssertSqlSafe(statement.clone()))
-                .execute(&mut conn)
-                .await
-                .with_context(|| statement.clone())?;
-        }
+        crate::admin::recreate_database(&mut conn, name).await?;
         conn.close().await?;
         let options = admin.clone().database(name);
         let db = BenchDb {
             name: name.to_owned(),
-            url: url_for(server_url, name),
+            url: crate::admin::database_url(server_url, name)?,
             admin,
             options,
         };
@@ -201,22 +176,4 @@ pub(crate) async fn drain_facts(pool: &PgPool) -> anyhow::Result<(i64, i64, f64)
     .fetch_one(pool)
     .await?;
     Ok((row.0, row.1, row.2.unwrap_or(f64::NAN)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_get_their_database_replaced() {
-        assert_eq!(
-            url_for("postgres://postgres@127.0.0.1:5432/postgres", "fbench_x"),
-            "postgres://postgres@127.0.0.1:5432/fbench_x"
-        );
-        assert_eq!(
-            url_for("postgres://u@h:1/db?sslmode=disable", "b"),
-            "postgres://u@h:1/b?sslmode=disable"
-        );
-        assert_eq!(url_for("postgres://u@h:1", "b"), "postgres://u@h:1/b");
-    }
 }

@@ -52,19 +52,11 @@ impl DrillDb {
         let mut admin = PgConnection::connect(server)
             .await
             .with_context(|| format!("connect to {server}"))?;
-        for sql in [
-            format!("drop database if exists \"{name}\" with (force)"),
-            format!("create database \"{name}\""),
-        ] {
-            sqlx::query(AssertSqlSafe(sql.clone()))
-                .execute(&mut admin)
-                .await
-                .with_context(|| format!("`{sql}`"))?;
-        }
+        crate::admin::recreate_database(&mut admin, &name).await?;
         admin.close().await?;
         let options: PgConnectOptions = server.parse().context("the server URL")?;
         let options = options.database(&name);
-        let url = with_database(server, &name)?;
+        let url = crate::admin::database_url(server, &name)?;
         let pool = PgPoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(3))
@@ -231,37 +223,9 @@ pub(crate) async fn sweep_leftovers(server: &str) -> anyhow::Result<usize> {
     Ok(dropped)
 }
 
-/// `server` with its database replaced by `name`.
-fn with_database(server: &str, name: &str) -> anyhow::Result<String> {
-    let mut url = reqwest::Url::parse(server).context("the server URL")?;
-    url.set_path(&format!("/{name}"));
-    Ok(url.to_string())
-}
-
 /// An `effect` job of the drills (sleep `ms`, fail the first `fail` calls).
 pub(crate) fn effect_job(ms: u64, fail: u32) -> JobSpec {
     let mut spec = JobSpec::new(super::ledger::KIND, super::ledger::payload(ms, fail));
     spec.retry_policy = BACKOFF;
     spec
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_database_url_keeps_everything_but_the_database() {
-        assert_eq!(
-            with_database(
-                "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable",
-                "d1"
-            )
-            .unwrap(),
-            "postgres://postgres@127.0.0.1:5432/d1?sslmode=disable"
-        );
-        assert_eq!(
-            with_database("postgres://u:p@h:1", "d2").unwrap(),
-            "postgres://u:p@h:1/d2"
-        );
-    }
 }
