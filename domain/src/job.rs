@@ -5,7 +5,7 @@ use chrono::{DateTime, Datelike, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::{JobState, RetryPolicy};
+use crate::{AttemptError, JobState, RetryPolicy};
 
 /// One job as the store holds it. Adapters persist exactly these fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,6 +46,9 @@ pub struct Job {
     pub timeout_ms: Option<i64>,
     /// The error of the latest failed attempt (kept through retries and redrives).
     pub last_error: Option<String>,
+    /// Every failed attempt, oldest first, bounded to the newest [`AttemptError::HISTORY`]
+    /// (kept through retries and redrives, like `last_error`).
+    pub errors: Vec<AttemptError>,
     /// What the handler returned on success.
     pub result: Option<Value>,
     /// When the job was enqueued.
@@ -77,6 +80,7 @@ impl Job {
             retry_policy: spec.retry_policy,
             timeout_ms: spec.timeout_ms,
             last_error: None,
+            errors: Vec::new(),
             result: None,
             created_at: now,
             started_at: None,

@@ -7,11 +7,13 @@
 //! SQL by the Postgres adapter.
 
 mod fingerprint;
+mod history;
 mod job;
 mod retry;
 mod state;
 
 pub use fingerprint::payload_fingerprint;
+pub use history::{AttemptError, FailureKind};
 pub use job::{Job, JobSpec, Limits, SpecError};
 pub use retry::RetryPolicy;
 pub use state::{Event, EventKind, JobState, TransitionError};

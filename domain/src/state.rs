@@ -12,7 +12,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::Job;
+use crate::{AttemptError, FailureKind, Job};
 
 /// Where a job is in its lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -116,6 +116,8 @@ pub enum Event {
         now: DateTime<Utc>,
         /// The error to keep.
         error: String,
+        /// Why the attempt failed (recorded in the attempt history).
+        kind: FailureKind,
         /// Delay before the next attempt, in milliseconds.
         delay_ms: i64,
     },
@@ -127,6 +129,8 @@ pub enum Event {
         now: DateTime<Utc>,
         /// The error to keep.
         error: String,
+        /// Why the attempt failed (recorded in the attempt history).
+        kind: FailureKind,
     },
     /// The store notices the lease ran out: the attempt counts as failed.
     LeaseExpired {
@@ -311,11 +315,14 @@ impl Job {
             Event::FailRetryable {
                 now,
                 error,
+                kind,
                 delay_ms,
                 ..
-            } => self.fail_attempt(error, now, delay_ms),
-            Event::FailPermanently { now, error, .. } => {
-                self.last_error = Some(error);
+            } => self.fail_attempt(error, kind, now, delay_ms),
+            Event::FailPermanently {
+                now, error, kind, ..
+            } => {
+                self.record_failure(error, kind, now);
                 self.finish(JobState::Failed, now);
             }
             Event::LeaseExpired { now, delay_ms } => {
@@ -330,7 +337,7 @@ impl Job {
                     self.lease_owner.as_deref().unwrap_or("?"),
                     self.fencing_token
                 );
-                self.fail_attempt(error, now, delay_ms);
+                self.fail_attempt(error, FailureKind::LeaseExpired, now, delay_ms);
             }
             Event::Cancel { now } => match self.state {
                 JobState::Queued => self.finish(JobState::Cancelled, now),
@@ -363,8 +370,14 @@ impl Job {
 
     /// Ends the current attempt as failed: cancelled if a cancel was requested, `failed` when the
     /// attempt budget is spent, otherwise queued again after `delay_ms`.
-    fn fail_attempt(&mut self, error: String, now: DateTime<Utc>, delay_ms: i64) {
-        self.last_error = Some(error);
+    fn fail_attempt(
+        &mut self,
+        error: String,
+        kind: FailureKind,
+        now: DateTime<Utc>,
+        delay_ms: i64,
+    ) {
+        self.record_failure(error, kind, now);
         if self.cancel_requested {
             self.finish(JobState::Cancelled, now);
         } else if self.attempts >= self.max_attempts {
@@ -372,6 +385,20 @@ impl Job {
         } else {
             self.requeue(after(now, delay_ms));
         }
+    }
+
+    /// Keeps the failed attempt's error in `last_error` and appends it to the history.
+    fn record_failure(&mut self, error: String, kind: FailureKind, now: DateTime<Utc>) {
+        let entry = AttemptError {
+            attempt: self.attempts,
+            at: now,
+            worker: self.lease_owner.clone(),
+            fencing_token: self.fencing_token,
+            error: error.clone(),
+            kind,
+        };
+        AttemptError::push(&mut self.errors, entry);
+        self.last_error = Some(error);
     }
 
     fn requeue(&mut self, next_run_at: DateTime<Utc>) {
@@ -409,6 +436,9 @@ impl Job {
         }
         if self.result.is_some() && self.state != JobState::Succeeded {
             return fail("only succeeded jobs carry a result");
+        }
+        if self.errors.len() > AttemptError::HISTORY {
+            return fail("the attempt history keeps at most AttemptError::HISTORY entries");
         }
         Ok(())
     }

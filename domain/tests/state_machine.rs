@@ -1,7 +1,7 @@
 //! Property tests of the job state machine: random event sequences never reach an illegal state.
 
 use chrono::{DateTime, TimeDelta, Utc};
-use faultline_domain::{Event, EventKind, Job, JobSpec, JobState, TransitionError};
+use faultline_domain::{Event, FailureKind, EventKind, Job, JobSpec, JobState, TransitionError};
 use proptest::prelude::*;
 use serde_json::json;
 
@@ -87,12 +87,14 @@ fn event(step: &Step, job: &Job, now: DateTime<Utc>, stale_token: i64) -> Option
             token: token(stale),
             now,
             error: "boom".into(),
+            kind: FailureKind::Error,
             delay_ms,
         },
         Step::FailPermanently { stale } => Event::FailPermanently {
             token: token(stale),
             now,
             error: "fatal".into(),
+            kind: FailureKind::Error,
         },
         Step::LeaseExpired { delay_ms } => Event::LeaseExpired { now, delay_ms },
         Step::Cancel => Event::Cancel { now },
@@ -309,6 +311,7 @@ fn cancel_of_a_running_job_is_deferred_to_the_end_of_its_attempt() {
         token,
         now,
         error: "stopped".into(),
+        kind: FailureKind::Error,
         delay_ms: 0,
     })
     .unwrap();
@@ -356,6 +359,7 @@ fn redrive_gives_a_fresh_budget_and_keeps_the_last_error() {
         token,
         now,
         error: "boom".into(),
+        kind: FailureKind::Error,
         delay_ms: 0,
     })
     .unwrap();

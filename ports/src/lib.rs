@@ -11,11 +11,13 @@
 //! no HTTP) appear in any signature here.
 
 mod clock;
+mod fleet;
 mod store;
 pub mod telemetry;
 mod validate;
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use fleet::{ElectParams, Leadership, ProcessInfo, ProcessSpec, QueueInfo, QueueSlots};
 #[cfg(feature = "mock")]
 pub use store::MockJobStore;
 pub use store::{
@@ -25,8 +27,8 @@ pub use store::{
 
 pub use telemetry::LabelGuard;
 pub use validate::{
-    MAX_CLAIM_LIMIT, MAX_PAGE_SIZE, validate_extend_ms, validate_result, validate_snooze_ms,
-    validate_specs,
+    MAX_CLAIM_LIMIT, MAX_PAGE_SIZE, validate_extend_ms, validate_process, validate_queue_name,
+    validate_result, validate_snooze_ms, validate_specs,
 };
 
 /// The domain crate, re-exported so adapters and apps name one path.

@@ -12,7 +12,9 @@
 //! * Every transition follows `faultline_domain::Job::apply`.
 
 use chrono::{DateTime, Utc};
-use faultline_domain::{EventKind, Job, JobSpec, JobState, SpecError};
+use faultline_domain::{EventKind, FailureKind, Job, JobSpec, JobState, SpecError};
+
+use crate::{ElectParams, Leadership, ProcessInfo, ProcessSpec, QueueInfo};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -106,8 +108,10 @@ pub enum WriteOutcome {
 /// A failed attempt, as reported by its lease holder.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Failure {
-    /// The error to keep in `last_error`.
+    /// The error to keep in `last_error` and in the attempt history.
     pub error: String,
+    /// Why the attempt failed, for the attempt history.
+    pub kind: FailureKind,
     /// `false` fails the job permanently; `true` retries it while attempts remain.
     pub retryable: bool,
     /// Delay before the retry in milliseconds; `None` draws it from the job's retry policy.
@@ -283,6 +287,11 @@ pub trait JobStore: Send + Sync + 'static {
     /// retryable), `failed` otherwise, `cancelled` when a cancel was requested.
     async fn job_fail(&self, lease: LeaseRef, failure: &Failure) -> StoreResult<Job>;
 
+    /// Records many failed attempts in one round trip (each as [`JobStore::job_fail`], each
+    /// fenced by its own lease), with an outcome per item in input order. A lease repeated
+    /// within the batch is applied at most once (its first occurrence).
+    async fn job_fail_many(&self, failures: &[(LeaseRef, Failure)]) -> StoreResult<Vec<WriteOutcome>>;
+
     /// Puts a leased job back for `delay_ms` without using up its attempt.
     async fn job_snooze(&self, lease: LeaseRef, delay_ms: i64) -> StoreResult<Job>;
 
@@ -315,6 +324,41 @@ pub trait JobStore: Send + Sync + 'static {
     /// Postgres adapter answers from its partial claim and rescue indexes), unlike
     /// [`JobStore::queue_stats`], which counts every job.
     async fn queue_backlog(&self) -> StoreResult<Vec<QueueBacklog>>;
+
+    /// Every queue row, sorted by name (byte order).
+    async fn queue_list(&self) -> StoreResult<Vec<QueueInfo>>;
+
+    /// Pauses a queue (creating its row if it has none): from the moment this commits, no claim
+    /// returns its jobs. Pausing a paused queue changes nothing. Enqueues still succeed.
+    async fn queue_pause(&self, name: &str) -> StoreResult<QueueInfo>;
+
+    /// Resumes a queue (creating its row if it has none); resuming a running queue changes nothing.
+    async fn queue_resume(&self, name: &str) -> StoreResult<QueueInfo>;
+
+    /// Takes or renews the maintenance leadership for `candidate`: granted when nobody holds
+    /// it, when the holder's leadership has lapsed (a new term), or when `candidate` holds it
+    /// already (renewed to now + `ttl_ms`, same term). Returns the leadership as it stands after
+    /// the call, whoever holds it. Race-safe: concurrent candidates never both win.
+    async fn leader_elect(&self, params: &ElectParams) -> StoreResult<Leadership>;
+
+    /// Gives up the leadership if `leader_id` still holds it in `term` (a shutdown): the next
+    /// candidate takes over at once instead of waiting for the lapse. Returns whether it did.
+    async fn leader_resign(&self, leader_id: &str, term: i64) -> StoreResult<bool>;
+
+    /// The leadership as it stands, lapsed or not; `None` when nobody ever led.
+    async fn leader_get(&self) -> StoreResult<Option<Leadership>>;
+
+    /// Registers a process or refreshes its entry (`last_seen_at` = now; `started_at` kept).
+    async fn process_register(&self, spec: &ProcessSpec) -> StoreResult<ProcessInfo>;
+
+    /// Removes a process's entry (its shutdown); returns whether there was one.
+    async fn process_remove(&self, id: &str) -> StoreResult<bool>;
+
+    /// Every registered process, sorted by id.
+    async fn process_list(&self) -> StoreResult<Vec<ProcessInfo>>;
+
+    /// Removes entries not refreshed for more than `older_than_ms`; returns how many.
+    async fn process_prune(&self, older_than_ms: i64) -> StoreResult<u64>;
 
     /// Deletes up to `limit` finished jobs whose `finished_at` is strictly older than now minus
     /// their state's retention, oldest first; returns how many. Their idempotency keys are free

@@ -4,7 +4,7 @@
 use faultline_domain::{JobSpec, Limits, SpecError};
 use serde_json::Value;
 
-use crate::{ClaimParams, Failure, ListParams, StoreError, StoreResult};
+use crate::{ClaimParams, ElectParams, Failure, ListParams, ProcessSpec, StoreError, StoreResult};
 
 /// Largest claim batch.
 pub const MAX_CLAIM_LIMIT: u32 = 10_000;
@@ -76,6 +76,43 @@ impl Failure {
     }
 }
 
+/// A queue name as every name: 1 to [`Limits::MAX_NAME_CHARS`] characters, no control characters.
+pub fn validate_queue_name(name: &str) -> StoreResult<()> {
+    Limits::check_name("queue", name).map_err(invalid)
+}
+
+impl ElectParams {
+    /// A valid candidate name and a lease in `1..=Limits::MAX_DURATION_MS`.
+    pub fn validate(&self) -> StoreResult<()> {
+        Limits::check_name("candidate", &self.candidate).map_err(invalid)?;
+        Limits::check_ms("leadership lease", self.ttl_ms, 1).map_err(invalid)
+    }
+}
+
+/// Most queues one process may register.
+const MAX_PROCESS_QUEUES: usize = 1_000;
+
+/// A process entry: valid names (id, role, host, version, queues), a positive pid, at most
+/// 1 000 queues.
+pub fn validate_process(spec: &ProcessSpec) -> StoreResult<()> {
+    Limits::check_name("process id", &spec.id).map_err(invalid)?;
+    Limits::check_name("role", &spec.role).map_err(invalid)?;
+    Limits::check_name("host", &spec.host).map_err(invalid)?;
+    Limits::check_name("version", &spec.version).map_err(invalid)?;
+    if spec.pid < 0 {
+        return Err(StoreError::Invalid("pid must not be negative".into()));
+    }
+    if spec.queues.len() > MAX_PROCESS_QUEUES {
+        return Err(StoreError::Invalid(format!(
+            "a process registers at most {MAX_PROCESS_QUEUES} queues"
+        )));
+    }
+    for queue in &spec.queues {
+        Limits::check_name("queue", &queue.queue).map_err(invalid)?;
+    }
+    Ok(())
+}
+
 /// A lease extension in `1..=Limits::MAX_DURATION_MS`.
 pub fn validate_extend_ms(extend_ms: i64) -> StoreResult<()> {
     Limits::check_ms("lease extension", extend_ms, 1).map_err(invalid)
@@ -97,6 +134,7 @@ pub fn validate_result(result: Option<&Value>) -> StoreResult<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use faultline_domain::FailureKind;
     use serde_json::json;
 
     fn claim() -> ClaimParams {
@@ -191,6 +229,7 @@ mod tests {
         assert!(validate_snooze_ms(0).is_ok());
         let failure = Failure {
             error: "e".into(),
+            kind: FailureKind::Error,
             retryable: true,
             retry_delay_ms: Some(-5),
         };

@@ -14,7 +14,7 @@ use std::fmt::Debug;
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use faultline_domain::{Event, EventKind, Job, JobSpec, JobState, Limits, RetryPolicy};
+use faultline_domain::{Event, FailureKind, EventKind, Job, JobSpec, JobState, Limits, RetryPolicy};
 use faultline_memory::MemoryStore;
 use faultline_ports::{
     ClaimParams, Clock, EnqueueOutcome, Failure, HeartbeatOutcome, JobStore, LeaseRef, ListParams,
@@ -25,6 +25,9 @@ use faultline_postgres::PgStore;
 use serde_json::{Value, json};
 
 use crate::TestDb;
+
+mod fleet;
+pub use fleet::*;
 
 /// Expands to one `#[tokio::test]` per contract case, in a module named `$name`, each building
 /// its store with the async `$factory` expression (which must evaluate to a future of
@@ -74,6 +77,12 @@ macro_rules! contract_suite {
             queue_backlog_counts_unfinished_jobs_and_the_oldest_ready_job,
             prune_deletes_only_finished_jobs_past_their_retention,
             prune_respects_its_limit_and_frees_idempotency_keys,
+            pause_stops_claims_of_a_queue_until_it_is_resumed,
+            fail_many_reports_per_item_outcomes,
+            failed_attempts_are_kept_in_a_bounded_history,
+            leadership_has_one_holder_per_term,
+            concurrent_candidates_elect_exactly_one_leader,
+            processes_register_refresh_and_expire,
         );
     };
     (@cases $name:ident, $factory:expr; $($case:ident),+ $(,)?) => {
@@ -106,7 +115,7 @@ pub const EXACT: RetryPolicy = RetryPolicy {
 };
 
 /// The default lease of the cases, in milliseconds.
-const LEASE_MS: i64 = 10_000;
+pub(crate) const LEASE_MS: i64 = 10_000;
 
 /// A store under test, the clock that drives it, and whatever must live as long as the store
 /// (the test database).
@@ -216,7 +225,7 @@ impl Fixture {
     }
 
     /// A new job of `queue`, claimed by `w1` for [`LEASE_MS`].
-    async fn running(&self, queue: &str) -> Job {
+    pub(crate) async fn running(&self, queue: &str) -> Job {
         let job = self.enqueue(&spec(queue)).await;
         self.claim_job(&job, LEASE_MS).await
     }
@@ -247,7 +256,7 @@ impl Fixture {
 }
 
 /// A job of `queue` with the [`EXACT`] retry policy and a payload naming the queue.
-fn spec(queue: &str) -> JobSpec {
+pub(crate) fn spec(queue: &str) -> JobSpec {
     JobSpec {
         retry_policy: EXACT,
         ..JobSpec::new("work", json!({ "queue": queue })).queue(queue)
@@ -255,7 +264,7 @@ fn spec(queue: &str) -> JobSpec {
 }
 
 /// Claim parameters for `queues`, any kind, worker `w1`.
-fn params(queues: &[&str], limit: u32, lease_ms: i64) -> ClaimParams {
+pub(crate) fn params(queues: &[&str], limit: u32, lease_ms: i64) -> ClaimParams {
     ClaimParams {
         queues: queues.iter().map(|q| (*q).to_owned()).collect(),
         kinds: Vec::new(),
@@ -265,31 +274,32 @@ fn params(queues: &[&str], limit: u32, lease_ms: i64) -> ClaimParams {
     }
 }
 
-fn failure(error: &str, retryable: bool, retry_delay_ms: Option<i64>) -> Failure {
+pub(crate) fn failure(error: &str, retryable: bool, retry_delay_ms: Option<i64>) -> Failure {
     Failure {
         error: error.to_owned(),
+        kind: FailureKind::Error,
         retryable,
         retry_delay_ms,
     }
 }
 
-fn ids(jobs: &[Job]) -> Vec<i64> {
+pub(crate) fn ids(jobs: &[Job]) -> Vec<i64> {
     jobs.iter().map(|job| job.id).collect()
 }
 
-fn ms(millis: i64) -> TimeDelta {
+pub(crate) fn ms(millis: i64) -> TimeDelta {
     TimeDelta::milliseconds(millis)
 }
 
 /// `job` after `event`, per the domain's state machine.
-fn applied(job: &Job, event: Event) -> Job {
+pub(crate) fn applied(job: &Job, event: Event) -> Job {
     let mut next = job.clone();
     next.apply(event.clone())
         .unwrap_or_else(|e| panic!("the domain refuses {event:?} on {job:?}: {e}"));
     next
 }
 
-fn claim_event(owner: &str, now: DateTime<Utc>, lease_ms: i64) -> Event {
+pub(crate) fn claim_event(owner: &str, now: DateTime<Utc>, lease_ms: i64) -> Event {
     Event::Claim {
         owner: owner.to_owned(),
         now,
@@ -298,7 +308,7 @@ fn claim_event(owner: &str, now: DateTime<Utc>, lease_ms: i64) -> Event {
 }
 
 /// The `last_error` a lease expiry leaves (defined by `Job::apply`).
-fn expiry_error(owner: &str, token: i64) -> String {
+pub(crate) fn expiry_error(owner: &str, token: i64) -> String {
     format!("lease expired (worker {owner}, fencing token {token})")
 }
 
@@ -342,10 +352,18 @@ async fn expect_every_write_stale(f: &Fixture, lease: LeaseRef) {
         vec![WriteOutcome::Stale],
         "batch complete of {lease:?}"
     );
+    assert_eq!(
+        f.store
+            .job_fail_many(&[(lease, failure("late", true, None))])
+            .await
+            .expect("fail many"),
+        vec![WriteOutcome::Stale],
+        "batch fail of {lease:?}"
+    );
 }
 
 #[track_caller]
-fn expect_invalid<T: Debug>(result: StoreResult<T>, what: &str) {
+pub(crate) fn expect_invalid<T: Debug>(result: StoreResult<T>, what: &str) {
     match result {
         Err(StoreError::Invalid(_)) => {}
         other => panic!("expected Invalid for {what}, got {other:?}"),
@@ -693,6 +711,7 @@ pub async fn nul_characters_are_refused_in_json_and_replaced_in_errors(f: Fixtur
                 token: 1,
                 now,
                 error: "bad\u{FFFD}byte".into(),
+                kind: FailureKind::Error,
                 delay_ms: 0
             }
         )
@@ -1177,6 +1196,7 @@ pub async fn retryable_fail_with_an_explicit_delay_requeues_the_job(f: Fixture) 
                 token: 1,
                 now,
                 error: "boom".into(),
+                kind: FailureKind::Error,
                 delay_ms: 2_500
             }
         )
@@ -1241,6 +1261,7 @@ pub async fn retryable_fail_without_a_delay_follows_the_retry_policy(f: Fixture)
                     token: running.fencing_token,
                     now,
                     error: "e".into(),
+                    kind: FailureKind::Error,
                     delay_ms: delay
                 }
             )
@@ -1315,7 +1336,8 @@ pub async fn permanent_fail_ends_the_job_failed(f: Fixture) {
             Event::FailPermanently {
                 token: 1,
                 now,
-                error: "bad input".into()
+                error: "bad input".into(),
+                kind: FailureKind::Error,
             }
         )
     );
@@ -1359,6 +1381,7 @@ pub async fn exhausted_attempts_end_the_job_failed_with_the_last_error(f: Fixtur
                 token: 2,
                 now,
                 error: "e2".into(),
+                kind: FailureKind::Error,
                 delay_ms: 0
             }
         )
@@ -1592,6 +1615,7 @@ pub async fn cancel_of_a_running_job_is_seen_by_heartbeat_and_ends_it_cancelled(
                 token: 1,
                 now,
                 error: "stopped".into(),
+                kind: FailureKind::Error,
                 delay_ms: 0
             }
         )
@@ -1652,7 +1676,8 @@ pub async fn cancel_of_a_running_job_is_seen_by_heartbeat_and_ends_it_cancelled(
             Event::FailPermanently {
                 token: 1,
                 now,
-                error: "fatal".into()
+                error: "fatal".into(),
+                kind: FailureKind::Error,
             }
         )
     );
@@ -1714,6 +1739,7 @@ pub async fn cancel_of_a_running_job_is_seen_by_heartbeat_and_ends_it_cancelled(
                 token: job.fencing_token,
                 now,
                 error: "last".into(),
+                kind: FailureKind::Error,
                 delay_ms: 1_000,
             };
             (out, event)

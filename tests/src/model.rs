@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use faultline_domain::{
+    FailureKind,
     Event, EventKind, Job, JobSpec, JobState, RetryPolicy, TransitionError, payload_fingerprint,
 };
 use faultline_memory::MemoryStore;
@@ -882,6 +883,7 @@ async fn run_step(
             let lease = model.lease(*lease);
             let failure = Failure {
                 error: format!("retryable at +{}ms", (now - start()).num_milliseconds()),
+                kind: FailureKind::Error,
                 retryable: true,
                 retry_delay_ms: *delay_ms,
             };
@@ -891,6 +893,7 @@ async fn run_step(
                 token: lease.token,
                 now,
                 error: failure.error.clone(),
+                kind: FailureKind::Error,
                 delay_ms: delay_ms.unwrap_or_else(|| policy_delay(job)),
             });
             let line = format!(
@@ -904,6 +907,7 @@ async fn run_step(
             let lease = model.lease(*lease);
             let failure = Failure {
                 error: format!("permanent at +{}ms", (now - start()).num_milliseconds()),
+                kind: FailureKind::Error,
                 retryable: false,
                 retry_delay_ms: None,
             };
@@ -913,6 +917,7 @@ async fn run_step(
                 token: lease.token,
                 now,
                 error: failure.error.clone(),
+                kind: FailureKind::Error,
             });
             let line = format!(
                 "fail (permanent) {lease:?} -> {}",

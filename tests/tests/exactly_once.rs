@@ -9,7 +9,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use chrono::{TimeZone, Utc};
-use faultline_domain::{JobSpec, JobState, RetryPolicy};
+use faultline_domain::{FailureKind, JobSpec, JobState, RetryPolicy};
 use faultline_ports::{ClaimParams, Failure, JobStore, LeaseRef, ManualClock, StoreError};
 use faultline_postgres::PgStore;
 use faultline_tests::TestDb;
@@ -191,6 +191,7 @@ impl World {
                     Decision::FailPermanently => {
                         let failure = Failure {
                             error: format!("w{who} gave up"),
+                            kind: FailureKind::Error,
                             retryable: false,
                             retry_delay_ms: None,
                         };

@@ -367,11 +367,22 @@ async fn fenced_batch_updates_look_jobs_up_by_primary_key_under_many_running_job
         .bind(60_000_i64)
         .bind(no_clock);
     assert_primary_key_lookups(&plan(pool, heartbeat).await, "heartbeat_many");
+    let fail = explain(faultline_postgres::sql::FAIL_MANY)
+        .bind(&ids)
+        .bind(&tokens)
+        .bind(vec!["boom"; ids.len()])
+        .bind(vec![true; ids.len()])
+        .bind(vec![None::<i64>; ids.len()])
+        .bind(vec!["error"; ids.len()])
+        .bind(20_i32)
+        .bind(no_clock);
+    assert_primary_key_lookups(&plan(pool, fail).await, "fail_many");
     // Rescue finds the expired leases through the rescue index, then updates by primary key.
     let later = chrono::Utc::now() + chrono::TimeDelta::minutes(5);
     let rescue = explain(faultline_postgres::sql::RESCUE_EXPIRED)
         .bind(1_000_i64)
-        .bind(Some(later));
+        .bind(Some(later))
+        .bind(20_i32);
     let nodes = plan(pool, rescue).await;
     assert_primary_key_lookups(&nodes, "rescue");
     assert!(
@@ -509,6 +520,17 @@ async fn hot_statements_look_jobs_up_by_primary_key_under_forced_generic_plans()
             faultline_postgres::sql::HEARTBEAT_MANY,
             "int8[], int8[], int8, timestamptz",
             format!("'{{{ids}}}', '{{{tokens}}}', 60000, null"),
+        ),
+        (
+            "fail_many",
+            faultline_postgres::sql::FAIL_MANY,
+            "int8[], int8[], text[], bool[], int8[], text[], int4, timestamptz",
+            format!(
+                "'{{{ids}}}', '{{{tokens}}}', array_fill('boom'::text, array[{n}]), \
+                 array_fill(true, array[{n}]), array_fill(null::int8, array[{n}]), \
+                 array_fill('error'::text, array[{n}]), 20, null",
+                n = claimed.len().min(1_000)
+            ),
         ),
     ];
     for (what, statement, types, values) in batches {

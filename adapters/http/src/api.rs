@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use faultline_ports::domain::Limits;
+use faultline_ports::domain::{FailureKind, Limits};
 use faultline_ports::{
     ClaimParams, EnqueueOutcome, Failure, JobStore, LeaseRef, ListParams, StoreError, StoreResult,
     validate_extend_ms, validate_result, validate_snooze_ms,
@@ -573,6 +573,7 @@ impl WorkersApi {
         };
         let failure = Failure {
             error: Limits::storable_text(&truncate_chars(&request.error.0, MAX_ERROR_CHARS)),
+            kind: FailureKind::Error,
             retryable: request.retryable,
             retry_delay_ms: request
                 .retry_after_seconds

@@ -3,8 +3,9 @@
 
 use faultline_ports::domain::{Job, JobSpec};
 use faultline_ports::{
-    ClaimParams, EnqueueOutcome, Enqueued, Failure, HeartbeatOutcome, JobPage, JobStore, LeaseRef,
-    ListParams, PruneParams, QueueBacklog, QueueStats, StoreError, StoreResult, WriteOutcome,
+    ClaimParams, ElectParams, EnqueueOutcome, Enqueued, Failure, HeartbeatOutcome, JobPage,
+    JobStore, Leadership, LeaseRef, ListParams, ProcessInfo, ProcessSpec, PruneParams,
+    QueueBacklog, QueueInfo, QueueStats, StoreError, StoreResult, WriteOutcome,
 };
 use serde_json::Value;
 
@@ -72,6 +73,39 @@ impl JobStore for SpecOnlyStore {
         absent()
     }
     async fn job_prune(&self, _: &PruneParams) -> StoreResult<u64> {
+        absent()
+    }
+    async fn job_fail_many(&self, _: &[(LeaseRef, Failure)]) -> StoreResult<Vec<WriteOutcome>> {
+        absent()
+    }
+    async fn queue_list(&self) -> StoreResult<Vec<QueueInfo>> {
+        absent()
+    }
+    async fn queue_pause(&self, _: &str) -> StoreResult<QueueInfo> {
+        absent()
+    }
+    async fn queue_resume(&self, _: &str) -> StoreResult<QueueInfo> {
+        absent()
+    }
+    async fn leader_elect(&self, _: &ElectParams) -> StoreResult<Leadership> {
+        absent()
+    }
+    async fn leader_resign(&self, _: &str, _: i64) -> StoreResult<bool> {
+        absent()
+    }
+    async fn leader_get(&self) -> StoreResult<Option<Leadership>> {
+        absent()
+    }
+    async fn process_register(&self, _: &ProcessSpec) -> StoreResult<ProcessInfo> {
+        absent()
+    }
+    async fn process_remove(&self, _: &str) -> StoreResult<bool> {
+        absent()
+    }
+    async fn process_list(&self) -> StoreResult<Vec<ProcessInfo>> {
+        absent()
+    }
+    async fn process_prune(&self, _: i64) -> StoreResult<u64> {
         absent()
     }
 }

@@ -9,6 +9,7 @@
 //! across an `.await` (no method awaits anything), so every operation is atomic, and concurrent
 //! claimers never receive the same job.
 
+mod fleet;
 mod rng;
 mod state;
 
@@ -17,9 +18,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use faultline_ports::domain::{Job, JobSpec};
 use faultline_ports::{
-    ClaimParams, Clock, EnqueueOutcome, Enqueued, Failure, HeartbeatOutcome, JobPage, JobStore,
-    LeaseRef, ListParams, PruneParams, QueueBacklog, QueueStats, StoreResult, SystemClock,
-    WriteOutcome,
+    ClaimParams, Clock, ElectParams, EnqueueOutcome, Enqueued, Failure, HeartbeatOutcome, JobPage,
+    JobStore, Leadership, LeaseRef, ListParams, ProcessInfo, ProcessSpec, PruneParams,
+    QueueBacklog, QueueInfo, QueueStats, StoreResult, SystemClock, WriteOutcome,
 };
 use serde_json::Value;
 use tokio::sync::watch;
@@ -154,6 +155,14 @@ impl JobStore for MemoryStore {
         self.state().fail(lease, failure, now)
     }
 
+    async fn job_fail_many(
+        &self,
+        failures: &[(LeaseRef, Failure)],
+    ) -> StoreResult<Vec<WriteOutcome>> {
+        let now = self.now();
+        self.state().fail_many(failures, now)
+    }
+
     async fn job_snooze(&self, lease: LeaseRef, delay_ms: i64) -> StoreResult<Job> {
         let now = self.now();
         self.state().snooze(lease, delay_ms, now)
@@ -198,6 +207,56 @@ impl JobStore for MemoryStore {
         let now = self.now();
         Ok(self.state().prune(params, now))
     }
+
+    async fn queue_list(&self) -> StoreResult<Vec<QueueInfo>> {
+        Ok(self.state().fleet.queue_list())
+    }
+
+    async fn queue_pause(&self, name: &str) -> StoreResult<QueueInfo> {
+        let now = self.now();
+        self.state().fleet.set_paused(name, true, now)
+    }
+
+    async fn queue_resume(&self, name: &str) -> StoreResult<QueueInfo> {
+        let now = self.now();
+        let queue = self.state().fleet.set_paused(name, false, now)?;
+        // As Postgres notifies on a resume: its due jobs are claimable again.
+        self.notify_enqueue();
+        Ok(queue)
+    }
+
+    async fn leader_elect(&self, params: &ElectParams) -> StoreResult<Leadership> {
+        let now = self.now();
+        self.state().fleet.leader_elect(params, now)
+    }
+
+    async fn leader_resign(&self, leader_id: &str, term: i64) -> StoreResult<bool> {
+        let now = self.now();
+        Ok(self.state().fleet.leader_resign(leader_id, term, now))
+    }
+
+    async fn leader_get(&self) -> StoreResult<Option<Leadership>> {
+        let now = self.now();
+        Ok(self.state().fleet.leader_get(now))
+    }
+
+    async fn process_register(&self, spec: &ProcessSpec) -> StoreResult<ProcessInfo> {
+        let now = self.now();
+        self.state().fleet.process_register(spec, now)
+    }
+
+    async fn process_remove(&self, id: &str) -> StoreResult<bool> {
+        Ok(self.state().fleet.process_remove(id))
+    }
+
+    async fn process_list(&self) -> StoreResult<Vec<ProcessInfo>> {
+        Ok(self.state().fleet.process_list())
+    }
+
+    async fn process_prune(&self, older_than_ms: i64) -> StoreResult<u64> {
+        let now = self.now();
+        Ok(self.state().fleet.process_prune(older_than_ms, now))
+    }
 }
 
 #[cfg(test)]
@@ -205,7 +264,7 @@ mod tests {
     use super::*;
     use chrono::{DateTime, TimeZone, Utc};
     use faultline_ports::ManualClock;
-    use faultline_ports::domain::JobState;
+    use faultline_ports::domain::{FailureKind, JobState};
     use serde_json::json;
 
     fn start() -> DateTime<Utc> {
@@ -302,6 +361,7 @@ mod tests {
         let job = store.job_claim(&claim_params(1)).await.unwrap().remove(0);
         let failure = Failure {
             error: "boom".into(),
+            kind: FailureKind::Error,
             retryable: true,
             retry_delay_ms: None,
         };

@@ -7,12 +7,14 @@ use std::ops::Bound;
 
 use chrono::{DateTime, SubsecRound, Utc};
 use faultline_ports::domain::{Event, Job, JobSpec, JobState, Limits, TransitionError};
+
 use faultline_ports::{
     ClaimParams, EnqueueOutcome, Failure, HeartbeatOutcome, JobPage, LeaseRef, ListParams,
     PruneParams, QueueBacklog, QueueStats, StoreError, StoreResult, WriteOutcome,
 };
 use serde_json::Value;
 
+use crate::fleet::Fleet;
 use crate::rng::SplitMix64;
 
 /// Claim order of a queued job within its queue: priority, then due time, then id.
@@ -99,6 +101,8 @@ pub(crate) struct State {
     index: Indexes,
     last_id: i64,
     rng: SplitMix64,
+    /// Queues, leadership and processes.
+    pub(crate) fleet: Fleet,
 }
 
 /// An outcome the selection logic rules out; reported, never panicked on.
@@ -126,6 +130,7 @@ impl State {
             index: Indexes::default(),
             last_id: 0,
             rng: SplitMix64::new(seed),
+            fleet: Fleet::default(),
         }
     }
 
@@ -174,6 +179,7 @@ impl State {
     }
 
     fn enqueue_one(&mut self, spec: &JobSpec, now: DateTime<Utc>) -> Resolved {
+        self.fleet.touch_queue(&spec.queue, now);
         let fingerprint = spec.idempotency_key.as_ref().map(|_| spec.fingerprint());
         if let Some(key) = &spec.idempotency_key
             && let Some(&id) = self.keys.get(key)
@@ -300,7 +306,9 @@ impl State {
         let kinds: BTreeSet<&str> = params.kinds.iter().map(String::as_str).collect();
         let mut candidates = Vec::new();
         for queue in queues {
-            self.due_in_queue(queue, &kinds, now, limit, &mut candidates);
+            if !self.fleet.is_paused(queue) {
+                self.due_in_queue(queue, &kinds, now, limit, &mut candidates);
+            }
         }
         candidates.sort_unstable();
         candidates.truncate(limit);
@@ -411,6 +419,7 @@ impl State {
                 token: lease.token,
                 now,
                 error,
+                kind: failure.kind,
                 delay_ms,
             }
         } else {
@@ -418,9 +427,31 @@ impl State {
                 token: lease.token,
                 now,
                 error,
+                kind: failure.kind,
             }
         };
         self.apply_fenced(lease, event).cloned()
+    }
+
+    /// Fails many leases in input order (all validated first); a repeated lease finds its job
+    /// no longer running under its token, so only its first entry applies.
+    pub(crate) fn fail_many(
+        &mut self,
+        failures: &[(LeaseRef, Failure)],
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<WriteOutcome>> {
+        for (_, failure) in failures {
+            failure.validate()?;
+        }
+        let mut outcomes = Vec::with_capacity(failures.len());
+        for (lease, failure) in failures {
+            outcomes.push(match self.fail(*lease, failure, now) {
+                Ok(_) => WriteOutcome::Accepted,
+                Err(StoreError::StaleLease { .. }) => WriteOutcome::Stale,
+                Err(err) => return Err(err),
+            });
+        }
+        Ok(outcomes)
     }
 
     pub(crate) fn snooze(
@@ -619,6 +650,7 @@ impl State {
 mod tests {
     use super::*;
     use chrono::{TimeDelta, TimeZone};
+    use faultline_ports::domain::FailureKind;
     use serde_json::json;
 
     impl State {
@@ -688,6 +720,7 @@ mod tests {
                     let lease = leases.swap_remove(pick(&mut rng, leases.len() as u64) as usize);
                     let failure = Failure {
                         error: "e".into(),
+                        kind: FailureKind::Error,
                         retryable: pick(&mut rng, 4) != 0,
                         retry_delay_ms: None,
                     };

@@ -1,7 +1,10 @@
 //! The one place where a `faultline_jobs` row becomes a domain [`Job`] (the domain types derive no
 //! sqlx traits; the state is stored as its lowercase name).
 
-use faultline_domain::{Job, JobState, RetryPolicy};
+use chrono::{DateTime, Utc};
+use faultline_domain::{AttemptError, Job, JobState, RetryPolicy};
+use faultline_ports::{Leadership, ProcessInfo, ProcessSpec, QueueInfo, QueueSlots};
+use sqlx::types::Json;
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 
@@ -30,6 +33,7 @@ pub(crate) fn job_from_row(row: &PgRow) -> Result<Job, sqlx::Error> {
         },
         timeout_ms: row.try_get("timeout_ms")?,
         last_error: row.try_get("last_error")?,
+        errors: row.try_get::<Json<Vec<AttemptError>>, _>("errors")?.0,
         result: row.try_get("result")?,
         created_at: row.try_get("created_at")?,
         started_at: row.try_get("started_at")?,
@@ -45,4 +49,43 @@ pub(crate) fn state_from_row(row: &PgRow, column: &str) -> Result<JobState, sqlx
             index: column.to_owned(),
             source: message.into(),
         })
+}
+
+/// Reads a `faultline_queues` row.
+pub(crate) fn queue_from_row(row: &PgRow) -> Result<QueueInfo, sqlx::Error> {
+    Ok(QueueInfo {
+        name: row.try_get("name")?,
+        paused: row.try_get("paused")?,
+        paused_at: row.try_get("paused_at")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+/// Reads the leadership columns of `leader_columns!`.
+pub(crate) fn leadership_from_row(row: &PgRow) -> Result<Leadership, sqlx::Error> {
+    Ok(Leadership {
+        leader_id: row.try_get("leader_id")?,
+        term: row.try_get("term")?,
+        elected_at: row.try_get("elected_at")?,
+        expires_at: row.try_get("expires_at")?,
+        remaining_ms: row.try_get("remaining_ms")?,
+    })
+}
+
+/// Reads a `faultline_processes` row.
+pub(crate) fn process_from_row(row: &PgRow) -> Result<ProcessInfo, sqlx::Error> {
+    let started_at: DateTime<Utc> = row.try_get("started_at")?;
+    Ok(ProcessInfo {
+        spec: ProcessSpec {
+            id: row.try_get("id")?,
+            role: row.try_get("role")?,
+            host: row.try_get("host")?,
+            pid: row.try_get("pid")?,
+            version: row.try_get("version")?,
+            queues: row.try_get::<Json<Vec<QueueSlots>>, _>("queues")?.0,
+        },
+        started_at,
+        last_seen_at: row.try_get("last_seen_at")?,
+    })
 }

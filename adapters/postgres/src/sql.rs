@@ -19,16 +19,23 @@ macro_rules! job_columns {
         prefixed!($p; id, queue, kind, payload, priority, state, attempts, max_attempts,
             fencing_token, cancel_requested, next_run_at, lease_owner, lease_expires_at,
             idempotency_key, backoff_base_ms, backoff_cap_ms, backoff_jitter, timeout_ms,
-            last_error, result, created_at, started_at, finished_at)
+            last_error, errors, result, created_at, started_at, finished_at)
     };
 }
 
 /// Enqueues one job. Returns the new job, or no row when its idempotency key is taken.
-/// Notifies the queue when the job is due now. Parameters: 1 queue, 2 kind, 3 payload,
+/// Notifies the queue when the job is due now, and gives the queue its row in `faultline_queues`
+/// on its first enqueue (a primary-key lookup otherwise). Parameters: 1 queue, 2 kind, 3 payload,
 /// 4 priority, 5 run_at, 6 delay_ms, 7 max_attempts, 8 backoff base, 9 backoff cap,
 /// 10 jitter, 11 timeout_ms, 12 idempotency key, 13 payload hash, 14 clock.
 pub const ENQUEUE_ONE: &str = concat!(
     "with clock as materialized (select coalesce($14::timestamptz, now()) as now),
+queue_row as (
+    insert into faultline_queues (name, created_at, updated_at)
+    select $1::text, c.now, c.now from clock c
+    where not exists (select 1 from faultline_queues q where q.name = $1::text)
+    on conflict do nothing
+),
 inserted as (
     insert into faultline_jobs (queue, kind, payload, priority, next_run_at, max_attempts,
         backoff_base_ms, backoff_cap_ms, backoff_jitter, timeout_ms, idempotency_key,
@@ -66,11 +73,20 @@ macro_rules! batch_input {
     };
 }
 
-/// The tail of both batch statements: notify each queue that got a due job once, and return
-/// `(id, idempotency_key)` of each created job. 14 is the clock.
+/// The tail of both batch statements: give every new queue its row (in name order, so
+/// concurrent batches wait for each other in one order), notify each queue that got a due job
+/// once, and return `(id, idempotency_key)` of each created job. 14 is the clock.
 macro_rules! batch_notify_and_return {
     () => {
-        "notified as (
+        "queue_rows as (
+    insert into faultline_queues (name, created_at, updated_at)
+    select d.q, coalesce($14::timestamptz, now()), coalesce($14::timestamptz, now())
+    from (select distinct u.q from unnest($1::text[]) as u(q)) d
+    where not exists (select 1 from faultline_queues fq where fq.name = d.q)
+    order by d.q collate \"C\"
+    on conflict do nothing
+),
+notified as (
     select count(pg_notify('faultline_jobs', d.queue)) as n
     from (
         select distinct queue from inserted
@@ -176,12 +192,18 @@ returning "
 
 /// Claim from one queue: 1 queue, 2 kinds (empty: any), 3 limit, 4 worker, 5 lease_ms, 6 clock.
 /// The equality on the queue lets the partial claim index deliver the claim order directly: no
-/// sort, and the scan stops after `limit` unlocked jobs.
+/// sort, and the scan stops after `limit` unlocked jobs. A paused queue (one primary-key lookup
+/// in `faultline_queues`, evaluated once) yields nothing: the index is not even read.
 pub const CLAIM_ONE_QUEUE: &str = concat!(
     "with clock as materialized (select coalesce($6::timestamptz, now()) as now),
+open as materialized (
+    select not exists (
+        select 1 from faultline_queues q where q.name = $1::text and q.paused
+    ) as ok
+),
 picked as (
     select id from faultline_jobs
-    where state = 'queued' and queue = $1::text
+    where (select ok from open) and state = 'queued' and queue = $1::text
       and (cardinality($2::text[]) = 0 or kind = any($2::text[]))
       and next_run_at <= (select now from clock)
     order by priority, next_run_at, id
@@ -196,12 +218,18 @@ picked as (
 /// locks) up to `limit` jobs through the claim index, the best `limit` of them are leased: the
 /// cost is bounded by `queues x limit` whatever the backlog, where one `queue = any(...)` scan
 /// would sort every due job of every queue. The other locked candidates are released when the
-/// statement commits.
+/// statement commits. Paused queues are left out before any job is read (a primary-key lookup
+/// per queue: a scalar subquery, which the planner cannot turn into a scan-and-hash anti-join).
 pub const CLAIM_MANY_QUEUES: &str = concat!(
     "with clock as materialized (select coalesce($6::timestamptz, now()) as now),
 picked as (
     select c.id
-    from (select distinct q from unnest($1::text[]) as u(q)) as queues
+    from (
+        select distinct u.q from unnest($1::text[]) as u(q)
+        where not coalesce(
+            (select fq.paused from faultline_queues fq where fq.name = u.q), false
+        )
+    ) as queues
     cross join lateral (
         select id, priority, next_run_at from faultline_jobs
         where state = 'queued' and queue = queues.q
@@ -254,26 +282,38 @@ returning ",
     job_columns!("j.")
 );
 
-/// Records a failed attempt (`Job::apply` with `FailRetryable` / `FailPermanently`): 1 id, 2 token,
-/// 3 error, 4 retryable, 5 explicit delay_ms or NULL for the job's retry policy, 6 clock.
-pub const FAIL: &str = concat!(
-    "with clock as materialized (select coalesce($6::timestamptz, now()) as now)
+/// Records failed attempts (`Job::apply` with `FailRetryable` / `FailPermanently`), each fenced by
+/// its own lease, and appends each to its job's attempt history: 1 ids, 2 tokens, 3 errors,
+/// 4 retryable, 5 explicit delay_ms (NULL: the job's retry policy), 6 failure kinds, 7 history
+/// length kept, 8 clock. Each id at most once (the caller dedups); one item is a single failure.
+/// Same plan shape as the heartbeat.
+pub const FAIL_MANY: &str = concat!(
+    "with input as materialized (
+    select t.*, 'running'::text as st
+    from unnest($1::int8[], $2::int8[], $3::text[], $4::bool[], $5::int8[], $6::text[])
+        as t(id, token, error, retryable, delay_ms, kind)
+),
+clock as materialized (select coalesce($8::timestamptz, now()) as now)
 update faultline_jobs j
-set last_error = $3::text,
+set last_error = i.error,
+    errors = faultline_push_error(j.errors, jsonb_build_object(
+        'attempt', j.attempts, 'at', c.now, 'worker', j.lease_owner,
+        'fencing_token', j.fencing_token, 'error', i.error, 'kind', i.kind), $7::int4),
     state = case
-        when not $4::bool then 'failed'
+        when not i.retryable then 'failed'
         when j.cancel_requested then 'cancelled'
         when j.attempts >= j.max_attempts then 'failed'
         else 'queued' end,
     finished_at = case
-        when not $4::bool or j.cancel_requested or j.attempts >= j.max_attempts then c.now end,
+        when not i.retryable or j.cancel_requested or j.attempts >= j.max_attempts then c.now end,
     next_run_at = case
-        when not $4::bool or j.cancel_requested or j.attempts >= j.max_attempts then j.next_run_at
-        else c.now + coalesce($5::int8, faultline_backoff_ms(j.attempts, j.backoff_base_ms,
+        when not i.retryable or j.cancel_requested or j.attempts >= j.max_attempts
+            then j.next_run_at
+        else c.now + coalesce(i.delay_ms, faultline_backoff_ms(j.attempts, j.backoff_base_ms,
             j.backoff_cap_ms, j.backoff_jitter, random())) * interval '1 millisecond' end,
     lease_expires_at = null
-from clock c
-where j.id = $1 and j.fencing_token = $2 and j.state = 'running'
+from input i, clock c
+where j.id = i.id and j.fencing_token = i.token and j.state = i.st
 returning ",
     job_columns!("j.")
 );
@@ -331,8 +371,9 @@ select ",
 /// The state of one job (to explain why a conditional update matched nothing).
 pub const STATE_OF: &str = "select state from faultline_jobs where id = $1";
 
-/// Ends expired leases as failed attempts (`Job::apply` with `LeaseExpired`), earliest lease end
-/// first (the rescue index order): 1 limit, 2 clock. The update re-checks state, token and expiry,
+/// Ends expired leases as failed attempts (`Job::apply` with `LeaseExpired`, appended to the
+/// attempt history), earliest lease end first (the rescue index order): 1 limit, 2 clock,
+/// 3 history length kept. The update re-checks state, token and expiry,
 /// so a job completed or extended in between is never touched; the expected state and "now" come
 /// from the CTE so the update looks jobs up by primary key (PERF-NOTES trap 1). Also returns each
 /// job's old lease end (`rescued_lease_end`) to order the result.
@@ -350,6 +391,12 @@ expired as materialized (
 update faultline_jobs j
 set last_error = 'lease expired (worker ' || coalesce(j.lease_owner, '?')
         || ', fencing token ' || j.fencing_token || ')',
+    errors = faultline_push_error(j.errors, jsonb_build_object(
+        'attempt', j.attempts, 'at', e.now, 'worker', j.lease_owner,
+        'fencing_token', j.fencing_token,
+        'error', 'lease expired (worker ' || coalesce(j.lease_owner, '?')
+            || ', fencing token ' || j.fencing_token || ')',
+        'kind', 'lease_expired'), $3::int4),
     state = case
         when j.cancel_requested then 'cancelled'
         when j.attempts >= j.max_attempts then 'failed'
@@ -436,11 +483,149 @@ doomed as (
 )
 delete from faultline_jobs j using doomed d where j.id = d.id";
 
+/// The columns of a queue row.
+macro_rules! queue_columns {
+    () => {
+        "name, paused, paused_at, created_at, updated_at"
+    };
+}
+
+/// Every queue row, by name.
+pub const QUEUE_LIST: &str = concat!(
+    "select ",
+    queue_columns!(),
+    " from faultline_queues order by name collate \"C\""
+);
+
+/// Pauses or resumes a queue, creating its row if needed: 1 name, 2 paused, 3 clock. A resume
+/// notifies the queue (its due jobs are claimable again).
+pub const QUEUE_SET_PAUSED: &str = concat!(
+    "with clock as materialized (select coalesce($3::timestamptz, now()) as now),
+upserted as (
+    insert into faultline_queues as q (name, paused, paused_at, created_at, updated_at)
+    select $1::text, $2::bool, case when $2::bool then c.now end, c.now, c.now from clock c
+    on conflict (name) do update
+    set paused = excluded.paused,
+        paused_at = case when excluded.paused and not q.paused then excluded.updated_at
+            else q.paused_at end,
+        updated_at = case when excluded.paused <> q.paused then excluded.updated_at
+            else q.updated_at end
+    returning ",
+    queue_columns!(),
+    "
+),
+notified as (
+    select count(pg_notify('faultline_jobs', u.name)) as n from upserted u where not u.paused
+)
+select ",
+    queue_columns!(),
+    " from upserted cross join notified"
+);
+
+/// The leadership columns, with the time left as the database computes it (`c` is the clock).
+macro_rules! leader_columns {
+    ($p:literal) => {
+        concat!(
+            $p, "leader_id, ", $p, "term, ", $p, "elected_at, ", $p, "expires_at, ",
+            "(floor(extract(epoch from (", $p, "expires_at - c.now)) * 1000))::int8 as remaining_ms"
+        )
+    };
+}
+
+/// Takes or renews the maintenance leadership: 1 candidate, 2 ttl_ms, 3 clock. Granted when no
+/// row exists, when the row's leadership has lapsed (a new term), or when the candidate holds it
+/// (renewed, same term). Returns the leadership after the statement; no row only when another
+/// candidate's first insert committed after this statement's snapshot (ask again).
+pub const LEADER_ELECT: &str = concat!(
+    "with clock as materialized (select coalesce($3::timestamptz, now()) as now),
+taken as (
+    insert into faultline_leader as l (name, leader_id, term, elected_at, expires_at)
+    select 'maintenance', $1::text, 1, c.now, c.now + $2::int8 * interval '1 millisecond'
+    from clock c
+    on conflict (name) do update
+    set leader_id = excluded.leader_id,
+        term = case when l.leader_id = excluded.leader_id and l.expires_at > excluded.elected_at
+            then l.term else l.term + 1 end,
+        elected_at = case when l.leader_id = excluded.leader_id
+                and l.expires_at > excluded.elected_at
+            then l.elected_at else excluded.elected_at end,
+        expires_at = excluded.expires_at
+    where l.leader_id = excluded.leader_id or l.expires_at <= excluded.elected_at
+    returning leader_id, term, elected_at, expires_at
+)
+select ",
+    leader_columns!("t."),
+    " from taken t cross join clock c
+union all
+select ",
+    leader_columns!("l."),
+    " from faultline_leader l cross join clock c
+where l.name = 'maintenance' and not exists (select 1 from taken)"
+);
+
+/// Ends the leadership now if 1 leader_id still holds it in 2 term: 3 clock.
+pub const LEADER_RESIGN: &str = "with clock as materialized (
+    select coalesce($3::timestamptz, now()) as now
+)
+update faultline_leader l
+set expires_at = c.now
+from clock c
+where l.name = 'maintenance' and l.leader_id = $1::text and l.term = $2::int8
+  and l.expires_at > c.now
+returning l.term";
+
+/// The leadership as it stands: 1 clock.
+pub const LEADER_GET: &str = concat!(
+    "with clock as materialized (select coalesce($1::timestamptz, now()) as now)
+select ",
+    leader_columns!("l."),
+    " from faultline_leader l cross join clock c where l.name = 'maintenance'"
+);
+
+/// The columns of a process row.
+macro_rules! process_columns {
+    () => {
+        "id, role, host, pid, version, queues, started_at, last_seen_at"
+    };
+}
+
+/// Registers or refreshes a process: 1 id, 2 role, 3 host, 4 pid, 5 version, 6 queues, 7 clock.
+/// `started_at` is kept while the entry stays the same process (host and pid).
+pub const PROCESS_REGISTER: &str = concat!(
+    "with clock as materialized (select coalesce($7::timestamptz, now()) as now)
+insert into faultline_processes as p (",
+    process_columns!(),
+    ")
+select $1::text, $2::text, $3::text, $4::int4, $5::text, $6::jsonb, c.now, c.now from clock c
+on conflict (id) do update
+set role = excluded.role, host = excluded.host, pid = excluded.pid,
+    version = excluded.version, queues = excluded.queues,
+    started_at = case when p.host = excluded.host and p.pid = excluded.pid then p.started_at
+        else excluded.started_at end,
+    last_seen_at = excluded.last_seen_at
+returning ",
+    process_columns!()
+);
+
+/// Removes one process entry: 1 id.
+pub const PROCESS_REMOVE: &str = "delete from faultline_processes where id = $1::text";
+
+/// Every process entry, by id.
+pub const PROCESS_LIST: &str = concat!(
+    "select ",
+    process_columns!(),
+    " from faultline_processes order by id collate \"C\""
+);
+
+/// Removes entries not refreshed for more than 1 ms: 2 clock.
+pub const PROCESS_PRUNE: &str = "delete from faultline_processes
+where last_seen_at < coalesce($2::timestamptz, now()) - $1::int8 * interval '1 millisecond'";
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const ALL: [&str; 21] = [
+    const ALL: [&str; 30] = [
         ENQUEUE_ONE,
         ENQUEUE_MANY_PLAIN,
         ENQUEUE_MANY_KEYED,
@@ -451,7 +636,7 @@ mod tests {
         HEARTBEAT_MANY,
         COMPLETE_MANY,
         COMPLETE_ONE,
-        FAIL,
+        FAIL_MANY,
         SNOOZE,
         CANCEL,
         REDRIVE,
@@ -462,6 +647,15 @@ mod tests {
         QUEUE_STATS,
         QUEUE_BACKLOG,
         PRUNE,
+        QUEUE_LIST,
+        QUEUE_SET_PAUSED,
+        LEADER_ELECT,
+        LEADER_RESIGN,
+        LEADER_GET,
+        PROCESS_REGISTER,
+        PROCESS_REMOVE,
+        PROCESS_LIST,
+        PROCESS_PRUNE,
     ];
 
     #[test]
@@ -483,13 +677,13 @@ mod tests {
     #[test]
     fn job_columns_are_prefixed_one_by_one() {
         let columns: Vec<&str> = job_columns!("j.").split(", ").collect();
-        assert_eq!(columns.len(), 23);
+        assert_eq!(columns.len(), 24);
         assert!(
             columns
                 .iter()
                 .all(|c| c.starts_with("j.") && !c[2..].contains('.'))
         );
         assert_eq!(columns[0], "j.id");
-        assert_eq!(columns[22], "j.finished_at");
+        assert_eq!(columns[23], "j.finished_at");
     }
 }

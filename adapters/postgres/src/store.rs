@@ -7,17 +7,22 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use faultline_domain::{EventKind, Job, JobSpec, JobState, Limits};
+use faultline_domain::{AttemptError, EventKind, Job, JobSpec, JobState, Limits};
 use faultline_ports::{
-    ClaimParams, Clock, EnqueueOutcome, Enqueued, Failure, HeartbeatOutcome, JobPage, JobStore,
-    LeaseRef, ListParams, PruneParams, QueueBacklog, QueueStats, StoreError, StoreResult,
-    WriteOutcome,
+    ClaimParams, Clock, ElectParams, EnqueueOutcome, Enqueued, Failure, HeartbeatOutcome, JobPage,
+    JobStore, Leadership, LeaseRef, ListParams, ProcessInfo, ProcessSpec, PruneParams,
+    QueueBacklog, QueueInfo, QueueStats, StoreError, StoreResult, WriteOutcome,
 };
-use faultline_ports::{validate_extend_ms, validate_result, validate_snooze_ms, validate_specs};
+use faultline_ports::{
+    validate_extend_ms, validate_process, validate_queue_name, validate_result,
+    validate_snooze_ms, validate_specs,
+};
 use serde_json::Value;
 use sqlx::{PgConnection, PgPool, Row};
 
-use crate::row::{job_from_row, state_from_row};
+use crate::row::{
+    job_from_row, leadership_from_row, process_from_row, queue_from_row, state_from_row,
+};
 use crate::sql;
 
 /// A statement with its arguments bound.
@@ -26,6 +31,9 @@ type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArgu
 /// The channel every enqueue of a due job notifies, with the queue name as payload (once per
 /// queue per statement, delivered at commit). Workers `LISTEN` on it to claim without polling.
 pub const NOTIFY_CHANNEL: &str = "faultline_jobs";
+
+/// The attempt history's length, as the statements take it.
+const HISTORY: i32 = AttemptError::HISTORY as i32;
 
 /// How many times an enqueue retries when the job holding its idempotency key disappears
 /// (pruned) between the insert that saw it and the read that looks for it.
@@ -450,15 +458,33 @@ impl PgStore {
             .bind(self.now()))
     }
 
-    /// The fenced failure statement (validated).
+    /// The fenced failure statement for one lease (validated).
     fn fail_query(&self, lease: LeaseRef, failure: &Failure) -> StoreResult<PgQuery<'static>> {
-        failure.validate()?;
-        Ok(sqlx::query(sql::FAIL)
-            .bind(lease.job_id)
-            .bind(lease.token)
-            .bind(Limits::storable_text(&failure.error))
-            .bind(failure.retryable)
-            .bind(failure.retry_delay_ms)
+        self.fail_many_query(&[(lease, failure)])
+    }
+
+    /// The fenced failure statement for leases listed once each (validated).
+    fn fail_many_query(&self, failures: &[(LeaseRef, &Failure)]) -> StoreResult<PgQuery<'static>> {
+        let n = failures.len();
+        let (mut ids, mut tokens, mut errors) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut retryable, mut delays, mut kinds) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        for (lease, failure) in failures {
+            failure.validate()?;
+            ids.push(lease.job_id);
+            tokens.push(lease.token);
+            errors.push(Limits::storable_text(&failure.error));
+            retryable.push(failure.retryable);
+            delays.push(failure.retry_delay_ms);
+            kinds.push(failure.kind.as_str());
+        }
+        Ok(sqlx::query(sql::FAIL_MANY)
+            .bind(ids)
+            .bind(tokens)
+            .bind(errors)
+            .bind(retryable)
+            .bind(delays)
+            .bind(kinds)
+            .bind(HISTORY)
             .bind(self.now()))
     }
 
@@ -713,6 +739,53 @@ impl JobStore for PgStore {
         Self::fenced(&self.pool, lease, self.fail_query(lease, failure)?).await
     }
 
+    async fn job_fail_many(
+        &self,
+        failures: &[(LeaseRef, Failure)],
+    ) -> StoreResult<Vec<WriteOutcome>> {
+        for (_, failure) in failures {
+            failure.validate()?;
+        }
+        if failures.is_empty() {
+            return Ok(Vec::new());
+        }
+        // As in job_complete_many: a repeated lease applies once (first entry), rows by id.
+        let mut seen: HashSet<LeaseRef> = HashSet::with_capacity(failures.len());
+        let mut first = Vec::with_capacity(failures.len());
+        let mut sent = Vec::with_capacity(failures.len());
+        for (lease, failure) in failures {
+            let is_first = seen.insert(*lease);
+            first.push(is_first);
+            if is_first {
+                sent.push((*lease, failure));
+            }
+        }
+        sent.sort_unstable_by_key(|(lease, _)| (lease.job_id, lease.token));
+        let rows = self
+            .fail_many_query(&sent)?
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        let mut accepted: HashSet<LeaseRef> = HashSet::with_capacity(rows.len());
+        for row in rows {
+            accepted.insert(LeaseRef {
+                job_id: row.try_get("id").map_err(backend)?,
+                token: row.try_get("fencing_token").map_err(backend)?,
+            });
+        }
+        Ok(failures
+            .iter()
+            .zip(first)
+            .map(|((lease, _), is_first)| {
+                if is_first && accepted.contains(lease) {
+                    WriteOutcome::Accepted
+                } else {
+                    WriteOutcome::Stale
+                }
+            })
+            .collect())
+    }
+
     async fn job_snooze(&self, lease: LeaseRef, delay_ms: i64) -> StoreResult<Job> {
         Self::fenced(&self.pool, lease, self.snooze_query(lease, delay_ms)?).await
     }
@@ -744,6 +817,7 @@ impl JobStore for PgStore {
         let rows = sqlx::query(sql::RESCUE_EXPIRED)
             .bind(i64::from(limit))
             .bind(self.now())
+            .bind(HISTORY)
             .fetch_all(&self.pool)
             .await
             .map_err(backend)?;
@@ -868,6 +942,134 @@ impl JobStore for PgStore {
             .await
             .map_err(backend)?;
         Ok(done.rows_affected())
+    }
+
+    async fn queue_list(&self) -> StoreResult<Vec<QueueInfo>> {
+        let rows = sqlx::query(sql::QUEUE_LIST)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        rows.iter()
+            .map(queue_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(backend)
+    }
+
+    async fn queue_pause(&self, name: &str) -> StoreResult<QueueInfo> {
+        self.set_paused(name, true).await
+    }
+
+    async fn queue_resume(&self, name: &str) -> StoreResult<QueueInfo> {
+        self.set_paused(name, false).await
+    }
+
+    async fn leader_elect(&self, params: &ElectParams) -> StoreResult<Leadership> {
+        params.validate()?;
+        let row = sqlx::query(sql::LEADER_ELECT)
+            .bind(&params.candidate)
+            .bind(params.ttl_ms)
+            .bind(self.now())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        let seen = row
+            .as_ref()
+            .map(leadership_from_row)
+            .transpose()
+            .map_err(backend)?;
+        match seen {
+            Some(leadership) if leadership.remaining_ms > 0 => Ok(leadership),
+            // No row, or a lapsed one that this statement did not take: another candidate's
+            // insert or takeover committed after this statement's snapshot (the upsert waited
+            // for it, then found it current). Read the row again with a fresh snapshot.
+            _ => self
+                .leader_get()
+                .await?
+                .ok_or_else(|| internal("the leader row vanished during an election")),
+        }
+    }
+
+    async fn leader_resign(&self, leader_id: &str, term: i64) -> StoreResult<bool> {
+        let row = sqlx::query(sql::LEADER_RESIGN)
+            .bind(leader_id)
+            .bind(term)
+            .bind(self.now())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(row.is_some())
+    }
+
+    async fn leader_get(&self) -> StoreResult<Option<Leadership>> {
+        let row = sqlx::query(sql::LEADER_GET)
+            .bind(self.now())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        row.as_ref()
+            .map(leadership_from_row)
+            .transpose()
+            .map_err(backend)
+    }
+
+    async fn process_register(&self, spec: &ProcessSpec) -> StoreResult<ProcessInfo> {
+        validate_process(spec)?;
+        let row = sqlx::query(sql::PROCESS_REGISTER)
+            .bind(&spec.id)
+            .bind(&spec.role)
+            .bind(&spec.host)
+            .bind(spec.pid)
+            .bind(&spec.version)
+            .bind(sqlx::types::Json(&spec.queues))
+            .bind(self.now())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(backend)?;
+        process_from_row(&row).map_err(backend)
+    }
+
+    async fn process_remove(&self, id: &str) -> StoreResult<bool> {
+        let done = sqlx::query(sql::PROCESS_REMOVE)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn process_list(&self) -> StoreResult<Vec<ProcessInfo>> {
+        let rows = sqlx::query(sql::PROCESS_LIST)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        rows.iter()
+            .map(process_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(backend)
+    }
+
+    async fn process_prune(&self, older_than_ms: i64) -> StoreResult<u64> {
+        let done = sqlx::query(sql::PROCESS_PRUNE)
+            .bind(clamp_retention(older_than_ms))
+            .bind(self.now())
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(done.rows_affected())
+    }
+}
+
+impl PgStore {
+    async fn set_paused(&self, name: &str, paused: bool) -> StoreResult<QueueInfo> {
+        validate_queue_name(name)?;
+        let row = sqlx::query(sql::QUEUE_SET_PAUSED)
+            .bind(name)
+            .bind(paused)
+            .bind(self.now())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(backend)?;
+        queue_from_row(&row).map_err(backend)
     }
 }
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use faultline_domain::{Job, JobState, Limits};
+use faultline_domain::{FailureKind, Job, JobState, Limits};
 use faultline_ports::{
     ClaimParams, Clock, Failure, HeartbeatOutcome, JobStore, LabelGuard, LeaseRef, MAX_CLAIM_LIMIT,
     StoreError, StoreResult, WriteOutcome,
@@ -616,7 +616,7 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
             self.count(Counter::unknown_kind, 1);
             let error = format!("no handler registered for kind {:?}", job.kind);
             self.held.insert(lease, held);
-            self.others.push_back((lease, permanent(error)));
+            self.others.push_back((lease, permanent(error, FailureKind::Worker)));
             return;
         };
         let timeout = job
@@ -707,17 +707,19 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
             Ok(Ok(Outcome::Complete(result))) => {
                 match faultline_ports::validate_result(result.as_ref()) {
                     Ok(()) => Ok(result),
-                    Err(err) => Err(permanent(format!(
-                        "the handler's result cannot be stored: {err}"
-                    ))),
+                    Err(err) => Err(permanent(
+                        format!("the handler's result cannot be stored: {err}"),
+                        FailureKind::Worker,
+                    )),
                 }
             }
             Ok(Ok(Outcome::Retry { error, delay })) => Err(Write::Fail(Failure {
                 error,
+                kind: FailureKind::Error,
                 retryable: true,
                 retry_delay_ms: delay.map(store_ms),
             })),
-            Ok(Ok(Outcome::Fail { error })) => Err(permanent(error)),
+            Ok(Ok(Outcome::Fail { error })) => Err(permanent(error, FailureKind::Error)),
             Ok(Ok(Outcome::Snooze { delay })) => Err(Write::Snooze {
                 delay_ms: store_ms(delay),
                 release: false,
@@ -725,13 +727,19 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
             Ok(Err(limit)) => {
                 job_event!(warn, lease, held, timeout = ?limit, "handler timed out");
                 self.stats.add(Counter::timed_out, 1);
-                Err(retryable(format!("timed out after {limit:?}")))
+                Err(retryable(
+                    format!("timed out after {limit:?}"),
+                    FailureKind::Timeout,
+                ))
             }
             Err(err) if err.is_panic() => {
                 let message = panic_message(err.into_panic());
                 job_event!(error, lease, held, panic = %message, "handler panicked");
                 self.stats.add(Counter::panicked, 1);
-                Err(retryable(format!("handler panicked: {message}")))
+                Err(retryable(
+                    format!("handler panicked: {message}"),
+                    FailureKind::Panic,
+                ))
             }
             Err(_) => {
                 // Aborted: only a shutdown aborts tasks, and it gives their leases back itself.
@@ -974,7 +982,7 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
                 if let Some(held) = self.held.get(&lease) {
                     job_event!(error, lease, held, %error, "handler bug: outcome not recorded");
                 }
-                self.others.push_back((lease, retryable(error)));
+                self.others.push_back((lease, retryable(error, FailureKind::Worker)));
             }
         }
     }
@@ -1315,17 +1323,19 @@ async fn timed<T>(
     result
 }
 
-fn permanent(error: String) -> Write {
+fn permanent(error: String, kind: FailureKind) -> Write {
     Write::Fail(Failure {
         error,
+        kind,
         retryable: false,
         retry_delay_ms: None,
     })
 }
 
-fn retryable(error: String) -> Write {
+fn retryable(error: String, kind: FailureKind) -> Write {
     Write::Fail(Failure {
         error,
+        kind,
         retryable: true,
         retry_delay_ms: None,
     })

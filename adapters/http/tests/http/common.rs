@@ -9,9 +9,9 @@ use faultline_http::{ApiConfig, HealthCheck, PROBLEM_CONTENT_TYPE, StoreHealth};
 use faultline_memory::MemoryStore;
 use faultline_ports::domain::{Job, JobSpec};
 use faultline_ports::{
-    ClaimParams, EnqueueOutcome, Enqueued, Failure, HeartbeatOutcome, JobPage, JobStore, LeaseRef,
-    ListParams, ManualClock, PruneParams, QueueBacklog, QueueStats, StoreError, StoreResult,
-    WriteOutcome,
+    ClaimParams, ElectParams, EnqueueOutcome, Enqueued, Failure, HeartbeatOutcome, JobPage,
+    JobStore, Leadership, LeaseRef, ListParams, ManualClock, ProcessInfo, ProcessSpec,
+    PruneParams, QueueBacklog, QueueInfo, QueueStats, StoreError, StoreResult, WriteOutcome,
 };
 use poem::endpoint::BoxEndpoint;
 use poem::http::{HeaderMap, Method, StatusCode};
@@ -186,6 +186,53 @@ impl JobStore for FaultyStore {
     async fn job_prune(&self, params: &PruneParams) -> StoreResult<u64> {
         self.gate().await?;
         self.inner.job_prune(params).await
+    }
+    async fn job_fail_many(
+        &self,
+        failures: &[(LeaseRef, Failure)],
+    ) -> StoreResult<Vec<WriteOutcome>> {
+        self.gate().await?;
+        self.inner.job_fail_many(failures).await
+    }
+    async fn queue_list(&self) -> StoreResult<Vec<QueueInfo>> {
+        self.gate().await?;
+        self.inner.queue_list().await
+    }
+    async fn queue_pause(&self, name: &str) -> StoreResult<QueueInfo> {
+        self.gate().await?;
+        self.inner.queue_pause(name).await
+    }
+    async fn queue_resume(&self, name: &str) -> StoreResult<QueueInfo> {
+        self.gate().await?;
+        self.inner.queue_resume(name).await
+    }
+    async fn leader_elect(&self, params: &ElectParams) -> StoreResult<Leadership> {
+        self.gate().await?;
+        self.inner.leader_elect(params).await
+    }
+    async fn leader_resign(&self, leader_id: &str, term: i64) -> StoreResult<bool> {
+        self.gate().await?;
+        self.inner.leader_resign(leader_id, term).await
+    }
+    async fn leader_get(&self) -> StoreResult<Option<Leadership>> {
+        self.gate().await?;
+        self.inner.leader_get().await
+    }
+    async fn process_register(&self, spec: &ProcessSpec) -> StoreResult<ProcessInfo> {
+        self.gate().await?;
+        self.inner.process_register(spec).await
+    }
+    async fn process_remove(&self, id: &str) -> StoreResult<bool> {
+        self.gate().await?;
+        self.inner.process_remove(id).await
+    }
+    async fn process_list(&self) -> StoreResult<Vec<ProcessInfo>> {
+        self.gate().await?;
+        self.inner.process_list().await
+    }
+    async fn process_prune(&self, older_than_ms: i64) -> StoreResult<u64> {
+        self.gate().await?;
+        self.inner.process_prune(older_than_ms).await
     }
 }
 

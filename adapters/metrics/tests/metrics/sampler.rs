@@ -9,7 +9,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use faultline_memory::MemoryStore;
 use faultline_metrics::testing::{Exposition, LocalMetrics};
 use faultline_metrics::{LabelGuard, QueueSampler, names};
-use faultline_ports::domain::{JobSpec, JobState};
+use faultline_ports::domain::{FailureKind, JobSpec, JobState};
 use faultline_ports::{
     ClaimParams, Failure, JobStore, LeaseRef, ListParams, ManualClock, MockJobStore, StoreError,
 };
@@ -59,6 +59,7 @@ async fn populate(store: &impl JobStore, queue: &str, running: u32) {
     let mut jobs = store.job_claim(&claim(queue, 3 + running)).await.unwrap();
     let fail = Failure {
         error: "e".into(),
+        kind: FailureKind::Error,
         retryable: false,
         retry_delay_ms: None,
     };

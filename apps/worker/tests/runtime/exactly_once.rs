@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use faultline_ports::domain::{JobSpec, JobState};
+use faultline_ports::domain::{FailureKind, JobSpec, JobState};
 use faultline_ports::{Failure, JobStore, ManualClock, StoreError};
 use faultline_postgres::PgStore;
 use faultline_tests::TestDb;
@@ -66,6 +66,7 @@ impl Transactional {
             Decision::FailPermanently => {
                 let failure = Failure {
                     error: format!("refused by {}", self.worker),
+                    kind: FailureKind::Error,
                     retryable: false,
                     retry_delay_ms: None,
                 };
