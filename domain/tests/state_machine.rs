@@ -1,7 +1,7 @@
 //! Property tests of the job state machine: random event sequences never reach an illegal state.
 
 use chrono::{DateTime, TimeDelta, Utc};
-use faultline_domain::{Event, FailureKind, EventKind, Job, JobSpec, JobState, TransitionError};
+use faultline_domain::{AttemptError, Event, FailureKind, EventKind, Job, JobSpec, JobState, TransitionError};
 use proptest::prelude::*;
 use serde_json::json;
 
@@ -123,8 +123,8 @@ proptest! {
     /// claim), and a stale token never changes anything.
     #[test]
     fn no_sequence_of_events_reaches_an_illegal_state(
-        max_attempts in 1_i32..5,
-        steps in proptest::collection::vec(step(), 1..80),
+        max_attempts in 1_i32..30,
+        steps in proptest::collection::vec(step(), 1..120),
     ) {
         let mut job = new_job(max_attempts);
         let mut now = t0();
@@ -156,6 +156,22 @@ proptest! {
                     }
                     if before.state.is_terminal() {
                         prop_assert_eq!(kind, EventKind::Redrive, "only a redrive leaves a terminal state");
+                    }
+                    // Exactly the failed attempts enter the history, bounded, newest last.
+                    let failed = matches!(kind, EventKind::FailRetryable
+                        | EventKind::FailPermanently | EventKind::LeaseExpired);
+                    if failed {
+                        let entry = job.errors.last().expect("a failure leaves an entry");
+                        prop_assert_eq!(Some(&entry.error), job.last_error.as_ref());
+                        prop_assert_eq!(entry.attempt, before.attempts);
+                        prop_assert_eq!(entry.fencing_token, before.fencing_token);
+                        prop_assert_eq!(entry.at, now);
+                        prop_assert_eq!(&entry.worker, &before.lease_owner);
+                        prop_assert_eq!(entry.kind == FailureKind::LeaseExpired, kind == EventKind::LeaseExpired);
+                        prop_assert_eq!(job.errors.len(), (before.errors.len() + 1).min(AttemptError::HISTORY));
+                        prop_assert_eq!(&job.errors[..job.errors.len() - 1], &before.errors[before.errors.len() + 1 - job.errors.len()..]);
+                    } else {
+                        prop_assert_eq!(&job.errors, &before.errors, "only a failed attempt adds to the history");
                     }
                 }
                 Err(_) => prop_assert_eq!(&job, &before, "a refused event changed the job"),

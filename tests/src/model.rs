@@ -217,6 +217,22 @@ pub enum Op {
         /// Job pick.
         job: u8,
     },
+    /// `queue_pause`.
+    Pause {
+        /// Index into the two queues.
+        queue: u8,
+    },
+    /// `queue_resume`.
+    Resume {
+        /// Index into the two queues.
+        queue: u8,
+    },
+    /// `job_fail_many`, retryable with the policy's delay or permanent per item (a repeated
+    /// lease included).
+    FailMany {
+        /// Lease picks, each with "retryable".
+        items: Vec<(LeasePick, bool)>,
+    },
 }
 
 fn half_seconds(range: std::ops::RangeInclusive<i64>) -> impl Strategy<Value = i64> + Clone {
@@ -311,6 +327,11 @@ pub fn op() -> impl Strategy<Value = Op> {
         3 => (1_u32..=4).prop_map(|limit| Op::Rescue { limit }).boxed(),
         3 => pick().prop_map(|job| Op::Cancel { job }).boxed(),
         2 => pick().prop_map(|job| Op::Redrive { job }).boxed(),
+        1 => (0_u8..2).prop_map(|queue| Op::Pause { queue }).boxed(),
+        1 => (0_u8..2).prop_map(|queue| Op::Resume { queue }).boxed(),
+        2 => vec((lease_pick(), any::<bool>()), 1..4)
+            .prop_map(|items| Op::FailMany { items })
+            .boxed(),
     ]
 }
 
@@ -358,6 +379,8 @@ struct Model {
     jobs: BTreeMap<i64, Job>,
     /// Every lease handed out, oldest first.
     leases: Vec<LeaseRef>,
+    /// The queue rows: name, paused.
+    queues: BTreeMap<String, bool>,
 }
 
 /// What the model says an enqueue does.
@@ -629,6 +652,16 @@ async fn compare_all(store: &dyn JobStore, model: &Model) -> Result<(), String> 
         ));
     }
 
+    let queues = store
+        .queue_list()
+        .await
+        .map_err(|e| format!("queue_list failed: {e}"))?;
+    let got: Vec<(&str, bool)> = queues.iter().map(|q| (q.name.as_str(), q.paused)).collect();
+    let want: Vec<(&str, bool)> = model.queues.iter().map(|(q, p)| (q.as_str(), *p)).collect();
+    if got != want {
+        return Err(format!("queue_list differs:\n  store: {got:?}\n  model: {want:?}"));
+    }
+
     let backlog = store
         .queue_backlog()
         .await
@@ -653,6 +686,7 @@ pub async fn run_sequence(
         now: start(),
         jobs: BTreeMap::new(),
         leases: Vec::new(),
+        queues: BTreeMap::new(),
     };
     let mut trace = String::new();
     for (step, op) in ops.iter().enumerate() {
@@ -694,6 +728,7 @@ async fn run_step(
                 Decision::Create => match &got {
                     Ok(out) if out.created && out.job.id > model.max_id() => {
                         let job = Job::new(out.job.id, &spec, now);
+                        model.queues.entry(job.queue.clone()).or_insert(false);
                         model.jobs.insert(job.id, job.clone());
                         Ok(Enqueued { job, created: true })
                     }
@@ -740,6 +775,7 @@ async fn run_step(
                             );
                             return Err((line, msg));
                         }
+                        model.queues.entry(spec.queue.clone()).or_insert(false);
                         model.jobs.insert(id, Job::new(id, spec, now));
                         EnqueueOutcome::Created { id }
                     }
@@ -784,6 +820,7 @@ async fn run_step(
                 .filter(|j| {
                     j.state == JobState::Queued
                         && queues.contains(&j.queue)
+                        && !model.queues.get(&j.queue).copied().unwrap_or(false)
                         && (kinds.is_empty() || kinds.contains(&j.kind))
                         && j.next_run_at <= now
                 })
@@ -901,6 +938,71 @@ async fn run_step(
                 short_result(&got, short)
             );
             same("fail (retryable)", &got, &expected).map_err(|e| (line.clone(), e))?;
+            Ok(line)
+        }
+        Op::Pause { queue } | Op::Resume { queue } => {
+            let name = QUEUES[usize::from(*queue)];
+            let pause = matches!(op, Op::Pause { .. });
+            let got = if pause {
+                store.queue_pause(name).await
+            } else {
+                store.queue_resume(name).await
+            };
+            let line = format!(
+                "{} {name} -> {:?}",
+                if pause { "pause" } else { "resume" },
+                got.as_ref().map(|q| q.paused)
+            );
+            model.queues.insert(name.to_owned(), pause);
+            match got {
+                Ok(q) if q.name == name && q.paused == pause => Ok(line),
+                other => Err((line, format!("expected {name} paused={pause}, got {other:?}"))),
+            }
+        }
+        Op::FailMany { items } => {
+            let at = (now - start()).num_milliseconds();
+            let batch: Vec<(LeaseRef, Failure)> = items
+                .iter()
+                .enumerate()
+                .map(|(i, (pick, retryable))| {
+                    let failure = Failure {
+                        error: format!("batch item {i} at +{at}ms"),
+                        kind: FailureKind::Worker,
+                        retryable: *retryable,
+                        retry_delay_ms: None,
+                    };
+                    (model.lease(*pick), failure)
+                })
+                .collect();
+            let got: Result<Vec<WriteOutcome>, Refusal> =
+                store.job_fail_many(&batch).await.map_err(Refusal::from);
+            let mut expected = Vec::new();
+            for (lease, failure) in &batch {
+                let applied = model.holder_write(*lease, |job| {
+                    if failure.retryable {
+                        Event::FailRetryable {
+                            token: lease.token,
+                            now,
+                            error: failure.error.clone(),
+                            kind: failure.kind,
+                            delay_ms: policy_delay(job),
+                        }
+                    } else {
+                        Event::FailPermanently {
+                            token: lease.token,
+                            now,
+                            error: failure.error.clone(),
+                            kind: failure.kind,
+                        }
+                    }
+                });
+                expected.push(match applied {
+                    Ok(_) => WriteOutcome::Accepted,
+                    Err(_) => WriteOutcome::Stale,
+                });
+            }
+            let line = format!("fail_many {items:?} -> {got:?}");
+            same("fail_many", &got, &Ok(expected)).map_err(|e| (line.clone(), e))?;
             Ok(line)
         }
         Op::FailPermanently { lease } => {

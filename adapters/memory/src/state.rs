@@ -179,7 +179,6 @@ impl State {
     }
 
     fn enqueue_one(&mut self, spec: &JobSpec, now: DateTime<Utc>) -> Resolved {
-        self.fleet.touch_queue(&spec.queue, now);
         let fingerprint = spec.idempotency_key.as_ref().map(|_| spec.fingerprint());
         if let Some(key) = &spec.idempotency_key
             && let Some(&id) = self.keys.get(key)
@@ -204,6 +203,7 @@ impl State {
             self.keys.insert(key.clone(), id);
         }
         self.index.insert(&job);
+        self.fleet.touch_queue(&job.queue, now);
         self.jobs.insert(id, Stored { job, fingerprint });
         Resolved::Created { id, due }
     }

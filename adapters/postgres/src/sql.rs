@@ -25,17 +25,11 @@ macro_rules! job_columns {
 
 /// Enqueues one job. Returns the new job, or no row when its idempotency key is taken.
 /// Notifies the queue when the job is due now, and gives the queue its row in `faultline_queues`
-/// on its first enqueue (a primary-key lookup otherwise). Parameters: 1 queue, 2 kind, 3 payload,
+/// when this is its first job (a primary-key lookup otherwise). Parameters: 1 queue, 2 kind, 3 payload,
 /// 4 priority, 5 run_at, 6 delay_ms, 7 max_attempts, 8 backoff base, 9 backoff cap,
 /// 10 jitter, 11 timeout_ms, 12 idempotency key, 13 payload hash, 14 clock.
 pub const ENQUEUE_ONE: &str = concat!(
     "with clock as materialized (select coalesce($14::timestamptz, now()) as now),
-queue_row as (
-    insert into faultline_queues (name, created_at, updated_at)
-    select $1::text, c.now, c.now from clock c
-    where not exists (select 1 from faultline_queues q where q.name = $1::text)
-    on conflict do nothing
-),
 inserted as (
     insert into faultline_jobs (queue, kind, payload, priority, next_run_at, max_attempts,
         backoff_base_ms, backoff_cap_ms, backoff_jitter, timeout_ms, idempotency_key,
@@ -48,6 +42,12 @@ inserted as (
     returning ",
     job_columns!(""),
     "
+),
+queue_row as (
+    insert into faultline_queues (name, created_at, updated_at)
+    select ins.queue, c.now, c.now from inserted ins, clock c
+    where not exists (select 1 from faultline_queues q where q.name = ins.queue)
+    on conflict do nothing
 ),
 notified as (
     select count(pg_notify('faultline_jobs', ins.queue)) as n
@@ -73,7 +73,7 @@ macro_rules! batch_input {
     };
 }
 
-/// The tail of both batch statements: give every new queue its row (in name order, so
+/// The tail of both batch statements: give every queue that got its first job its row (in name order, so
 /// concurrent batches wait for each other in one order), notify each queue that got a due job
 /// once, and return `(id, idempotency_key)` of each created job. 14 is the clock.
 macro_rules! batch_notify_and_return {
@@ -81,7 +81,7 @@ macro_rules! batch_notify_and_return {
         "queue_rows as (
     insert into faultline_queues (name, created_at, updated_at)
     select d.q, coalesce($14::timestamptz, now()), coalesce($14::timestamptz, now())
-    from (select distinct u.q from unnest($1::text[]) as u(q)) d
+    from (select distinct i.queue as q from inserted i) d
     where not exists (select 1 from faultline_queues fq where fq.name = d.q)
     order by d.q collate \"C\"
     on conflict do nothing
