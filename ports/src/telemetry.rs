@@ -54,6 +54,16 @@ pub mod names {
     /// Histogram `{method,route}`: time to answer an HTTP request.
     pub const HTTP_REQUEST_DURATION_SECONDS: &str = "faultline_http_request_duration_seconds";
 
+    /// Gauge: 1 while this process is the elected maintenance leader, 0 otherwise.
+    pub const LEADER: &str = "faultline_leader";
+    /// Counter: times this process became the maintenance leader (a new term).
+    pub const LEADER_ELECTIONS_TOTAL: &str = "faultline_leader_elections_total";
+    /// Counter `{service,outcome}`: maintenance runs (`rescuer`, `pruner`, `reaper`), `ok` or
+    /// `error`.
+    pub const MAINTENANCE_RUNS_TOTAL: &str = "faultline_maintenance_runs_total";
+    /// Histogram `{service}`: how long one maintenance run took.
+    pub const MAINTENANCE_DURATION_SECONDS: &str = "faultline_maintenance_duration_seconds";
+
     /// Every name above.
     pub const ALL: &[&str] = &[
         JOBS_ENQUEUED_TOTAL,
@@ -74,6 +84,10 @@ pub mod names {
         DB_UP,
         HTTP_REQUESTS_TOTAL,
         HTTP_REQUEST_DURATION_SECONDS,
+        LEADER,
+        LEADER_ELECTIONS_TOTAL,
+        MAINTENANCE_RUNS_TOTAL,
+        MAINTENANCE_DURATION_SECONDS,
     ];
 }
 
@@ -95,6 +109,8 @@ pub mod labels {
     pub const ROUTE: &str = "route";
     /// The HTTP status code.
     pub const STATUS: &str = "status";
+    /// The maintenance service (`rescuer`, `pruner`, `reaper`).
+    pub const SERVICE: &str = "service";
 }
 
 /// Values of the `outcome` label.

@@ -121,6 +121,31 @@ pub(crate) const METRICS: &[(&str, Type, Unit, &str)] = &[
         Unit::Seconds,
         "Time to answer an HTTP request, by method and route template.",
     ),
+    (
+        names::LEADER,
+        Type::Gauge,
+        Unit::Count,
+        "1 while this process is the elected maintenance leader (it runs the rescuer, the pruner \
+         and the process reaper), else 0.",
+    ),
+    (
+        names::LEADER_ELECTIONS_TOTAL,
+        Type::Counter,
+        Unit::Count,
+        "Times this process became the maintenance leader.",
+    ),
+    (
+        names::MAINTENANCE_RUNS_TOTAL,
+        Type::Counter,
+        Unit::Count,
+        "Maintenance runs by the leader, by service and outcome (ok, error).",
+    ),
+    (
+        names::MAINTENANCE_DURATION_SECONDS,
+        Type::Histogram,
+        Unit::Seconds,
+        "Time one maintenance run took, by service.",
+    ),
 ];
 
 /// Describes every Faultline metric (help text and unit) to the current recorder: the global one,

@@ -16,7 +16,8 @@
 //!
 //! `setup` flag: `--work-ms MIN-MAX` (5-45), how long each transfer's handler works before its
 //! transaction. `worker` flags: `--id ID`, `--concurrency N` (8), `--lease-ms MS` (30000), `--poll-ms MS` (1000),
-//! `--rescue-ms MS` (15000). `cargo xtask drill exactly-once` runs several workers under SIGKILL and
+//! `--rescue-ms MS` (15000), `--leader-lease-ms MS` (15000): each worker also takes part in the
+//! maintenance election, and the leader rescues expired leases. `cargo xtask drill exactly-once` runs several workers under SIGKILL and
 //! SIGSTOP and then `check`.
 
 use std::sync::Arc;
@@ -24,10 +25,12 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use faultline_ports::domain::JobSpec;
-use faultline_ports::{StoreError, SystemClock};
+use faultline_ports::{ProcessSpec, QueueSlots, StoreError, SystemClock};
 use faultline_postgres::PgStore;
 use faultline_postgres::listen::{ListenOptions, spawn_listener};
-use faultline_worker::{Handler, JobContext, Outcome, Registry, Worker, WorkerConfig};
+use faultline_worker::{
+    Handler, JobContext, Maintenance, MaintenanceConfig, Outcome, Registry, Worker, WorkerConfig,
+};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -253,6 +256,7 @@ async fn worker(args: &[String]) -> anyhow::Result<()> {
     let lease = Duration::from_millis(flag(args, "--lease-ms", 30_000)?);
     let poll = Duration::from_millis(flag(args, "--poll-ms", 1_000)?);
     let rescue = Duration::from_millis(flag(args, "--rescue-ms", 15_000)?);
+    let leader_lease = Duration::from_millis(flag(args, "--leader-lease-ms", 15_000)?);
     let (pool, connect) = pool(concurrency as u32 + 4).await?;
     let store = PgStore::new(pool);
 
@@ -270,14 +274,31 @@ async fn worker(args: &[String]) -> anyhow::Result<()> {
         lease,
         heartbeat_interval: None, // a third of the lease
         poll_interval: poll,
-        rescue_interval: Some(rescue),
         shutdown_grace: Duration::from_secs(5),
         ..WorkerConfig::default()
     };
+    let upkeep = MaintenanceConfig {
+        leader_lease,
+        rescue_interval: Some(rescue),
+        ..MaintenanceConfig::new(ProcessSpec {
+            id: worker_id.clone(),
+            role: "worker".into(),
+            host: "localhost".into(),
+            pid: i32::try_from(std::process::id()).unwrap_or(0),
+            version: env!("CARGO_PKG_VERSION").into(),
+            queues: vec![QueueSlots {
+                queue: JobSpec::DEFAULT_QUEUE.into(),
+                slots: u32::try_from(concurrency).unwrap_or(u32::MAX),
+            }],
+        })
+    };
     let shutdown = CancellationToken::new();
     let wakeups = spawn_listener(connect, ListenOptions::default(), shutdown.child_token());
-    let mut worker =
-        Worker::new(Arc::new(store), SystemClock, registry, config)?.with_wakeup(wakeups);
+    let store = Arc::new(store);
+    let maintenance = Maintenance::new(store.clone(), upkeep)?;
+    let stop_maintenance = CancellationToken::new();
+    let upkeeping = tokio::spawn(maintenance.run(stop_maintenance.clone()));
+    let mut worker = Worker::new(store, SystemClock, registry, config)?.with_wakeup(wakeups);
     let running = tokio::spawn({
         let shutdown = shutdown.clone();
         async move { worker.run(shutdown).await }
@@ -291,6 +312,8 @@ async fn worker(args: &[String]) -> anyhow::Result<()> {
     }
     shutdown.cancel();
     let report = running.await?;
+    stop_maintenance.cancel();
+    upkeeping.await?;
     println!(
         "ledger: worker {worker_id} stopped ({} job(s) interrupted)",
         report.interrupted

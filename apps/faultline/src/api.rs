@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use faultline_http::{ApiConfig, HealthCheck};
+use faultline_worker::MaintenanceConfig;
 use faultline_postgres::PgStore;
 use faultline_postgres::listen::{ListenOptions, spawn_listener};
 use sqlx::postgres::PgConnectOptions;
@@ -21,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::database::{self, Unready};
+use crate::maintenance::{self, MaintenanceArgs};
 use crate::options::{ApiArgs, DatabaseArgs, MetricsArgs};
 use crate::shutdown;
 use crate::telemetry::Telemetry;
@@ -33,6 +35,9 @@ pub(crate) struct ApiCommand {
 
     #[command(flatten)]
     pub(crate) api: ApiArgs,
+
+    #[command(flatten)]
+    pub(crate) maintenance: MaintenanceArgs,
 
     #[command(flatten)]
     pub(crate) metrics: MetricsArgs,
@@ -58,9 +63,12 @@ const WATCH_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duratio
 pub(crate) async fn run(args: ApiCommand) -> anyhow::Result<()> {
     let shutdown = shutdown::on_signals()?;
     let config = args.api.config()?;
+    let process = maintenance::process(maintenance::process_id(), "api", &[], 0);
+    let upkeep = args.maintenance.config(process, config.request_timeout);
+    upkeep.validate()?;
     args.metrics.sample_interval()?;
     if args.print_config {
-        print_config(&config, args.api.api_pool_size, &args.metrics);
+        print_config(&config, args.api.api_pool_size, &args.metrics, &upkeep);
         return Ok(());
     }
     let connect =
@@ -72,6 +80,7 @@ pub(crate) async fn run(args: ApiCommand) -> anyhow::Result<()> {
         connect,
         args.api.api_pool_size,
         config,
+        Some(upkeep),
         &telemetry,
         shutdown,
     )
@@ -79,7 +88,12 @@ pub(crate) async fn run(args: ApiCommand) -> anyhow::Result<()> {
 }
 
 /// `--print-config`: one `name = value` line per setting; tokens only as their number.
-fn print_config(config: &ApiConfig, pool_size: u32, metrics: &MetricsArgs) {
+fn print_config(
+    config: &ApiConfig,
+    pool_size: u32,
+    metrics: &MetricsArgs,
+    upkeep: &MaintenanceConfig,
+) {
     let lines = [
         ("listen", config.listen.to_string()),
         (
@@ -108,7 +122,8 @@ fn print_config(config: &ApiConfig, pool_size: u32, metrics: &MetricsArgs) {
             metrics.metrics_max_label_values.to_string(),
         ),
     ];
-    for (name, value) in lines {
+    let upkeep = MaintenanceArgs::describe(upkeep);
+    for (name, value) in lines.into_iter().chain(upkeep) {
         println!("{name} = {value}");
     }
 }
@@ -134,13 +149,15 @@ pub(crate) fn local_url(addr: SocketAddr) -> String {
 /// Serves the API on `listener` until `shutdown` fires, with a lazily connecting pool of
 /// `pool_size` connections made from `connect`, `LISTEN` wake-ups and a database health check,
 /// serving `telemetry`'s exposition at `/metrics` (and sampling queue depth, unless the process
-/// already does); then lets in-flight requests finish (for up to the configured grace) and closes
-/// the pool.
+/// already does), next to the process's maintenance when `upkeep` is given (an API-only
+/// deployment rescues expired HTTP leases, prunes and reaps like a worker); then lets in-flight
+/// requests finish (for up to the configured grace), stops the maintenance and closes the pool.
 pub(crate) async fn serve(
     listener: TcpListener,
     connect: PgConnectOptions,
     pool_size: u32,
     config: ApiConfig,
+    upkeep: Option<MaintenanceConfig>,
     telemetry: &Telemetry,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -162,9 +179,23 @@ pub(crate) async fn serve(
 
     let store = Arc::new(PgStore::new(pool.clone()));
     telemetry.start_sampler(store.clone());
+    let stop_upkeep = CancellationToken::new();
+    let upkeep = match upkeep {
+        Some(upkeep) => Some(maintenance::spawn(
+            store.clone(),
+            upkeep,
+            telemetry.labels.clone(),
+            stop_upkeep.clone(),
+        )?),
+        None => None,
+    };
     let served =
         faultline_http::serve_on(listener, store, wake, health, config, shutdown.clone()).await;
     stop_background.cancel();
+    stop_upkeep.cancel();
+    if let Some(task) = upkeep {
+        let _ = task.await;
+    }
     pool.close().await;
     served.context("serve the HTTP API")?;
     tracing::info!("HTTP API stopped");

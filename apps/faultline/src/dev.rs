@@ -13,6 +13,7 @@ use faultline_postgres::cluster::{ClusterError, PrivateCluster, reap_orphans};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::maintenance::{self, MaintenanceArgs};
 use crate::options::{ApiArgs, HttpArgs, MetricsArgs, WorkerArgs};
 use crate::telemetry::Telemetry;
 use crate::{api, database, handlers, report_migrations, shutdown, worker};
@@ -27,6 +28,9 @@ pub(crate) struct DevCommand {
 
     #[command(flatten)]
     worker: WorkerArgs,
+
+    #[command(flatten)]
+    maintenance: MaintenanceArgs,
 
     #[command(flatten)]
     http: HttpArgs,
@@ -44,6 +48,14 @@ pub(crate) async fn run(args: DevCommand) -> anyhow::Result<()> {
     let registry = handlers::registry(&args.http, true)?;
     let config = args.worker.config();
     config.validate()?;
+    let process = maintenance::process(
+        config.worker_id.clone(),
+        "dev",
+        &config.queues,
+        config.concurrency,
+    );
+    let upkeep = args.maintenance.config(process, config.store_timeout);
+    upkeep.validate()?;
     let api_config = args.api.config()?;
     args.metrics.sample_interval()?;
     // First, so that a taken port fails before anything is started.
@@ -62,8 +74,11 @@ pub(crate) async fn run(args: DevCommand) -> anyhow::Result<()> {
     // From here on, the cluster must be stopped whatever happens.
     let telemetry = Telemetry::install(&args.metrics);
     let parts = Parts {
-        registry,
-        config,
+        worker: worker::Parts {
+            registry,
+            config,
+            maintenance: Some(upkeep),
+        },
         api_config,
         listener,
     };
@@ -82,10 +97,9 @@ pub(crate) async fn run(args: DevCommand) -> anyhow::Result<()> {
     result
 }
 
-/// What `serve` runs: the worker's registry and configuration, and the API's.
+/// What `serve` runs: the worker (with the process's maintenance) and the API.
 struct Parts {
-    registry: faultline_worker::Registry,
-    config: faultline_worker::WorkerConfig,
+    worker: worker::Parts,
     api_config: faultline_http::ApiConfig,
     listener: TcpListener,
 }
@@ -99,11 +113,11 @@ async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let Parts {
-        registry,
-        config,
+        worker: worker_parts,
         api_config,
         listener,
     } = parts;
+    let config = &worker_parts.config;
     let connect = database::connect_options(url, database::WORKER_APPLICATION_NAME)?;
     let api_connect = database::connect_options(url, database::API_APPLICATION_NAME)?;
     let migrate_pool = sqlx::postgres::PgPoolOptions::new()
@@ -127,7 +141,7 @@ async fn serve(
 
     let addr = listener.local_addr().context("the API's address")?;
     let base = api::local_url(addr);
-    let kinds = registry.kinds().join(", ");
+    let kinds = worker_parts.registry.kinds().join(", ");
     let where_from = if private {
         "private, temporary: deleted when dev stops"
     } else {
@@ -165,13 +179,14 @@ async fn serve(
             api_connect,
             args.api.api_pool_size,
             api_config,
+            None, // the worker part runs the process's maintenance
             telemetry,
             shutdown.clone(),
         ),
         &shutdown,
     );
     let worker = stop_all_on_error(
-        worker::serve(pool, connect, registry, config, telemetry, shutdown.clone()),
+        worker::serve(pool, connect, worker_parts, telemetry, shutdown.clone()),
         &shutdown,
     );
     let (api, worker) = tokio::join!(api, worker);

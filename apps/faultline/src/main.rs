@@ -7,6 +7,7 @@ mod database;
 mod dev;
 mod handlers;
 mod logging;
+mod maintenance;
 mod options;
 mod shutdown;
 mod telemetry;

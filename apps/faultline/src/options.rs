@@ -88,44 +88,6 @@ pub(crate) struct WorkerArgs {
     #[arg(long, env = "FAULTLINE_STORE_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub(crate) store_timeout: Duration,
 
-    /// How often expired leases (of any worker) are rescued; "off" disables the rescuer.
-    #[arg(long, env = "FAULTLINE_RESCUE_INTERVAL", value_name = "DURATION|off", default_value = "15s", value_parser = parse_interval)]
-    pub(crate) rescue_interval: Interval,
-
-    /// Expired leases rescued per statement.
-    #[arg(
-        long,
-        env = "FAULTLINE_RESCUE_BATCH_SIZE",
-        value_name = "N",
-        default_value_t = 1_000
-    )]
-    pub(crate) rescue_batch_size: u32,
-
-    /// How often finished jobs past their retention are deleted; "off" disables the pruner.
-    #[arg(long, env = "FAULTLINE_PRUNE_INTERVAL", value_name = "DURATION|off", default_value = "60s", value_parser = parse_interval)]
-    pub(crate) prune_interval: Interval,
-
-    /// How long succeeded jobs are kept.
-    #[arg(long, env = "FAULTLINE_RETAIN_SUCCEEDED", value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
-    pub(crate) retain_succeeded: Duration,
-
-    /// How long failed jobs are kept.
-    #[arg(long, env = "FAULTLINE_RETAIN_FAILED", value_name = "DURATION", default_value = "7d", value_parser = parse_duration)]
-    pub(crate) retain_failed: Duration,
-
-    /// How long cancelled jobs are kept.
-    #[arg(long, env = "FAULTLINE_RETAIN_CANCELLED", value_name = "DURATION", default_value = "7d", value_parser = parse_duration)]
-    pub(crate) retain_cancelled: Duration,
-
-    /// Finished jobs deleted per statement.
-    #[arg(
-        long,
-        env = "FAULTLINE_PRUNE_BATCH_SIZE",
-        value_name = "N",
-        default_value_t = 1_000
-    )]
-    pub(crate) prune_batch_size: u32,
-
     /// Database connections of the worker's pool (the wake-up listener has one more of its own)
     /// [default: concurrency / 4 + 4, at most 32].
     #[arg(long, env = "FAULTLINE_POOL_SIZE", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
@@ -148,17 +110,11 @@ impl WorkerArgs {
             db_backoff_min: self.db_backoff_min,
             db_backoff_max: self.db_backoff_max,
             store_timeout: self.store_timeout,
-            rescue_interval: self.rescue_interval.0,
-            rescue_batch_size: self.rescue_batch_size,
-            prune_interval: self.prune_interval.0,
-            retain_succeeded: self.retain_succeeded,
-            retain_failed: self.retain_failed,
-            retain_cancelled: self.retain_cancelled,
-            prune_batch_size: self.prune_batch_size,
         }
     }
 
-    /// The pool size: the flag, else enough for claims, heartbeats, writes and maintenance.
+    /// The pool size: the flag, else enough for claims, heartbeats, writes and maintenance (the
+    /// process's maintenance shares the pool).
     pub(crate) fn pool_size(&self) -> u32 {
         self.pool_size.unwrap_or_else(|| {
             let derived = self.concurrency / 4 + 4;

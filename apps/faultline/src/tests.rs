@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{CommandFactory, Parser};
 use faultline_http::ApiConfig;
-use faultline_worker::WorkerConfig;
+use faultline_worker::{MaintenanceConfig, WorkerConfig};
 
 use super::{Cli, Command};
 
@@ -212,6 +212,11 @@ fn the_defaults_are_the_runtimes() {
             ..defaults
         }
     );
+    let process = crate::maintenance::process("w".into(), "worker", &[], 0);
+    assert_eq!(
+        args.maintenance.config(process.clone(), defaults.store_timeout),
+        MaintenanceConfig::new(process)
+    );
     assert!(!args.demo_handlers);
     assert!(args.http.endpoints.is_empty());
     assert_eq!(args.worker.pool_size(), 6);
@@ -308,6 +313,16 @@ fn flags_reach_the_configuration() {
         "2d",
         "--prune-batch-size",
         "11",
+        "--maintenance",
+        "off",
+        "--leader-lease",
+        "9s",
+        "--election-interval",
+        "2s",
+        "--process-heartbeat",
+        "4s",
+        "--process-expiry",
+        "40s",
         "--pool-size",
         "3",
         "--http-endpoint",
@@ -333,6 +348,17 @@ fn flags_reach_the_configuration() {
             db_backoff_min: secs(1),
             db_backoff_max: secs(60),
             store_timeout: secs(3),
+        }
+    );
+    let process = crate::maintenance::process("w1".into(), "worker", &[], 0);
+    assert_eq!(
+        args.maintenance.config(process.clone(), secs(3)),
+        MaintenanceConfig {
+            lead: false,
+            leader_lease: secs(9),
+            election_interval: Some(secs(2)),
+            process_heartbeat: secs(4),
+            process_expiry: secs(40),
             rescue_interval: None,
             rescue_batch_size: 9,
             prune_interval: Some(secs(3_600)),
@@ -340,6 +366,8 @@ fn flags_reach_the_configuration() {
             retain_failed: secs(30 * 86_400),
             retain_cancelled: secs(2 * 86_400),
             prune_batch_size: 11,
+            store_timeout: secs(3),
+            ..MaintenanceConfig::new(process)
         }
     );
     assert_eq!(args.worker.pool_size(), 3);

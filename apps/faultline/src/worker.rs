@@ -9,13 +9,14 @@ use clap::Args;
 use faultline_ports::SystemClock;
 use faultline_postgres::PgStore;
 use faultline_postgres::listen::{ListenOptions, spawn_listener};
-use faultline_worker::{Registry, Worker, WorkerConfig};
+use faultline_worker::{MaintenanceConfig, Registry, Worker, WorkerConfig};
 use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
 use tokio_util::sync::CancellationToken;
 
 use crate::options::{DatabaseArgs, HttpArgs, MetricsArgs, MetricsListen, WorkerArgs};
 use crate::telemetry::{self, Telemetry};
+use crate::maintenance::{self, MaintenanceArgs};
 use crate::{api, database, handlers, shutdown};
 
 /// `faultline worker` options.
@@ -26,6 +27,9 @@ pub(crate) struct WorkerCommand {
 
     #[command(flatten)]
     pub(crate) worker: WorkerArgs,
+
+    #[command(flatten)]
+    pub(crate) maintenance: MaintenanceArgs,
 
     #[command(flatten)]
     pub(crate) http: HttpArgs,
@@ -55,9 +59,17 @@ pub(crate) async fn run(args: WorkerCommand) -> anyhow::Result<()> {
     let registry = handlers::registry(&args.http, args.demo_handlers)?;
     let config = args.worker.config();
     config.validate()?;
+    let process = maintenance::process(
+        config.worker_id.clone(),
+        "worker",
+        &config.queues,
+        config.concurrency,
+    );
+    let upkeep = args.maintenance.config(process, config.store_timeout);
+    upkeep.validate()?;
     args.metrics.sample_interval()?;
     if args.print_config {
-        print_config(&args, &config);
+        print_config(&args, &config, &upkeep);
         return Ok(());
     }
     // First, so that a taken port fails before anything is started.
@@ -82,11 +94,16 @@ pub(crate) async fn run(args: WorkerCommand) -> anyhow::Result<()> {
         tracing::info!("stopped before the database was reachable");
         return Ok(());
     };
-    serve(pool, connect, registry, config, &telemetry, shutdown).await
+    let parts = Parts {
+        registry,
+        config,
+        maintenance: Some(upkeep),
+    };
+    serve(pool, connect, parts, &telemetry, shutdown).await
 }
 
 /// `--print-config`: one `name = value` line per setting.
-fn print_config(args: &WorkerCommand, config: &WorkerConfig) {
+fn print_config(args: &WorkerCommand, config: &WorkerConfig, upkeep: &MaintenanceConfig) {
     let off = |interval: Option<std::time::Duration>| {
         interval.map_or_else(|| "off".to_owned(), |d| format!("{d:?}"))
     };
@@ -114,13 +131,6 @@ fn print_config(args: &WorkerCommand, config: &WorkerConfig) {
         ("db_backoff_min", format!("{:?}", config.db_backoff_min)),
         ("db_backoff_max", format!("{:?}", config.db_backoff_max)),
         ("store_timeout", format!("{:?}", config.store_timeout)),
-        ("rescue_interval", off(config.rescue_interval)),
-        ("rescue_batch_size", config.rescue_batch_size.to_string()),
-        ("prune_interval", off(config.prune_interval)),
-        ("retain_succeeded", format!("{:?}", config.retain_succeeded)),
-        ("retain_failed", format!("{:?}", config.retain_failed)),
-        ("retain_cancelled", format!("{:?}", config.retain_cancelled)),
-        ("prune_batch_size", config.prune_batch_size.to_string()),
         ("pool_size", args.worker.pool_size().to_string()),
         ("demo_handlers", args.demo_handlers.to_string()),
         ("http_endpoints", endpoints.join(",")),
@@ -140,25 +150,50 @@ fn print_config(args: &WorkerCommand, config: &WorkerConfig) {
             args.metrics.metrics_max_label_values.to_string(),
         ),
     ];
-    for (name, value) in lines {
+    let upkeep = MaintenanceArgs::describe(upkeep);
+    for (name, value) in lines.into_iter().chain(upkeep) {
         println!("{name} = {value}");
     }
 }
 
+/// What a worker process runs: the handlers, the worker's configuration, and the process's
+/// maintenance (`None` when the caller runs it, as `dev` does for the whole process).
+pub(crate) struct Parts {
+    pub(crate) registry: Registry,
+    pub(crate) config: WorkerConfig,
+    pub(crate) maintenance: Option<MaintenanceConfig>,
+}
+
 /// Runs a worker on `pool` until `shutdown` fires, with wake-ups from a `LISTEN` connection made
 /// from `connect`, recording its metrics with `telemetry`'s labels (and sampling queue depth,
-/// unless the process already does); then shuts down gracefully and closes the pool.
+/// unless the process already does), next to the process's maintenance if `parts` has one; then
+/// shuts down gracefully (the maintenance last: it resigns and deregisters once the worker has
+/// given its leases back) and closes the pool.
 pub(crate) async fn serve(
     pool: PgPool,
     connect: PgConnectOptions,
-    registry: Registry,
-    config: WorkerConfig,
+    parts: Parts,
     telemetry: &Telemetry,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let Parts {
+        registry,
+        config,
+        maintenance: upkeep,
+    } = parts;
     let store = Arc::new(PgStore::new(pool.clone()));
     let mut worker = Worker::new(store.clone(), SystemClock, registry, config)?
         .with_metric_labels(telemetry.labels.clone());
+    let stop_upkeep = CancellationToken::new();
+    let upkeep = match upkeep {
+        Some(config) => Some(maintenance::spawn(
+            store.clone(),
+            config,
+            telemetry.labels.clone(),
+            stop_upkeep.clone(),
+        )?),
+        None => None,
+    };
     telemetry.start_sampler(store);
     // The listener outlives the worker's loop (the shutdown's grace period claims nothing).
     let stop_listening = CancellationToken::new();
@@ -168,6 +203,10 @@ pub(crate) async fn serve(
 
     let report = worker.run(shutdown).await;
     stop_listening.cancel();
+    stop_upkeep.cancel();
+    if let Some(task) = upkeep {
+        let _ = task.await;
+    }
     pool.close().await;
     tracing::info!(
         interrupted = report.interrupted,

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use faultline_domain::{JobSpec, Limits};
-use faultline_ports::{MAX_CLAIM_LIMIT, PruneParams};
+use faultline_ports::MAX_CLAIM_LIMIT;
 
 /// How a [`crate::Worker`] runs. Every field has a production default ([`Default`]); the binary
 /// maps its flags and environment onto these fields, tests shorten the timers.
@@ -46,25 +46,7 @@ pub struct WorkerConfig {
     /// A store call that takes longer than this counts as failed (a hung connection must not
     /// stall heartbeats or shutdown forever). Default: 10 s.
     pub store_timeout: Duration,
-    /// How often this worker rescues expired leases (of any worker); `None` turns the rescuer
-    /// off. Safe with many workers: each statement skips rows another one holds. Default: 15 s.
-    pub rescue_interval: Option<Duration>,
-    /// Leases rescued per statement; the rescuer repeats until fewer come back. Default: 1 000.
-    pub rescue_batch_size: u32,
-    /// How often this worker deletes finished jobs past their retention; `None` turns the pruner
-    /// off. Default: 60 s.
-    pub prune_interval: Option<Duration>,
-    /// How long `succeeded` jobs are kept after they finished. Default: 24 h.
-    pub retain_succeeded: Duration,
-    /// How long `failed` jobs are kept after they finished. Default: 7 days.
-    pub retain_failed: Duration,
-    /// How long `cancelled` jobs are kept after they finished. Default: 7 days.
-    pub retain_cancelled: Duration,
-    /// Jobs deleted per statement; the pruner repeats until fewer come back. Default: 1 000.
-    pub prune_batch_size: u32,
 }
-
-const HOUR: Duration = Duration::from_secs(3_600);
 
 impl Default for WorkerConfig {
     fn default() -> Self {
@@ -80,13 +62,6 @@ impl Default for WorkerConfig {
             db_backoff_min: Duration::from_millis(100),
             db_backoff_max: Duration::from_secs(10),
             store_timeout: Duration::from_secs(10),
-            rescue_interval: Some(Duration::from_secs(15)),
-            rescue_batch_size: 1_000,
-            prune_interval: Some(Duration::from_secs(60)),
-            retain_succeeded: 24 * HOUR,
-            retain_failed: 7 * 24 * HOUR,
-            retain_cancelled: 7 * 24 * HOUR,
-            prune_batch_size: 1_000,
         }
     }
 }
@@ -117,16 +92,6 @@ impl WorkerConfig {
     /// The lease length in milliseconds, as the store takes it.
     pub fn lease_ms(&self) -> i64 {
         millis(self.lease)
-    }
-
-    /// The pruner's parameters.
-    pub fn prune_params(&self) -> PruneParams {
-        PruneParams {
-            succeeded_retention_ms: millis(self.retain_succeeded),
-            failed_retention_ms: millis(self.retain_failed),
-            cancelled_retention_ms: millis(self.retain_cancelled),
-            limit: self.prune_batch_size,
-        }
     }
 
     /// Checks every field; the first problem found is returned.
@@ -183,24 +148,6 @@ impl WorkerConfig {
         if self.completion_batch_size == 0 {
             return invalid("completion_batch_size", "must be at least 1");
         }
-        let maintenance = [
-            ("rescue_interval", self.rescue_interval),
-            ("prune_interval", self.prune_interval),
-        ];
-        for (field, value) in maintenance {
-            if value.is_some_and(|interval| interval.is_zero()) {
-                return invalid(field, "must be above zero (None turns it off)");
-            }
-        }
-        let batches = [
-            ("rescue_batch_size", self.rescue_batch_size),
-            ("prune_batch_size", self.prune_batch_size),
-        ];
-        for (field, value) in batches {
-            if !(1..=MAX_CLAIM_LIMIT).contains(&value) {
-                return invalid(field, format!("must be between 1 and {MAX_CLAIM_LIMIT}"));
-            }
-        }
         Ok(())
     }
 }
@@ -238,15 +185,6 @@ mod tests {
             config
                 .worker_id
                 .ends_with(&format!("-{}", std::process::id()))
-        );
-        assert_eq!(
-            config.prune_params(),
-            PruneParams {
-                succeeded_retention_ms: 86_400_000,
-                failed_retention_ms: 604_800_000,
-                cancelled_retention_ms: 604_800_000,
-                limit: 1_000,
-            }
         );
     }
 
@@ -309,20 +247,6 @@ mod tests {
                     ..ok.clone()
                 },
                 "completion_batch_size",
-            ),
-            (
-                WorkerConfig {
-                    rescue_interval: Some(Duration::ZERO),
-                    ..ok.clone()
-                },
-                "rescue_interval",
-            ),
-            (
-                WorkerConfig {
-                    prune_batch_size: 0,
-                    ..ok.clone()
-                },
-                "prune_batch_size",
             ),
         ];
         for (config, field) in cases {

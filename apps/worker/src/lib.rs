@@ -8,6 +8,9 @@
 //! * [`Worker`]: the runtime. [`Worker::run`] for production; step methods
 //!   ([`Worker::run_once`], [`Worker::heartbeat_once`], ...) for tests.
 //! * [`WorkerConfig`]: every knob, with production defaults.
+//! * [`Maintenance`] / [`MaintenanceConfig`]: the process registry entry and the services only the
+//!   elected leader runs (rescuer, pruner, reaper); run one per process next to its workers or
+//!   API.
 //! * [`WorkerStats`]: counters and gauges for tests and embedding applications.
 //!
 //! Metrics: the worker records Prometheus metrics through the `metrics` facade (names in
@@ -46,6 +49,7 @@
 mod backoff;
 mod config;
 mod handler;
+mod maintenance;
 mod run;
 mod stats;
 mod telemetry;
@@ -53,5 +57,6 @@ mod worker;
 
 pub use config::{ConfigError, WorkerConfig};
 pub use handler::{Handler, JobContext, Outcome, Registry};
+pub use maintenance::{Maintenance, MaintenanceConfig, MaintenanceHandle};
 pub use stats::{Counters, StatsSnapshot, WorkerStats};
 pub use worker::{HeartbeatReport, ShutdownReport, StepReport, Worker};

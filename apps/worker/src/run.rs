@@ -1,9 +1,9 @@
 //! The production loop of [`Worker`]: one task that claims when woken or when the poll interval
-//! passes, collects finished jobs, writes outcomes, heartbeats, and runs the maintenance
-//! (rescuer, pruner), backing off from a failing store instead of ever exiting on its errors.
+//! passes, collects finished jobs, writes outcomes and heartbeats, backing off from a failing
+//! store instead of ever exiting on its errors. (The rescuer and the pruner are maintenance
+//! services of the elected leader: see `maintenance.rs`.)
 //!
-//! The loop sleeps until the earliest of its deadlines (poll, heartbeat, write retry,
-//! maintenance) or until a job finishes or a wake-up arrives: no busy loop when idle, and no
+//! The loop sleeps until the earliest of its deadlines (poll, heartbeat, write retry) or until a job finishes or a wake-up arrives: no busy loop when idle, and no
 //! claim while every slot is busy and the buffer full. A claim and a batch of completions go to
 //! the store at once ([`Worker::exchange`]), and outcomes pile up while they are on their way, so
 //! the busier the worker, the larger its batches (no timer adds latency to batch them).
@@ -27,11 +27,6 @@ enum Until<'a> {
 
 /// Far enough to mean "no deadline" without overflowing `Instant` arithmetic.
 const FAR: Duration = Duration::from_secs(86_400 * 365);
-
-/// A recurring timer: `Some(next run)` when enabled.
-fn first_run(interval: Option<Duration>, at: Instant) -> Option<Instant> {
-    interval.map(|_| at)
-}
 
 impl<S: JobStore, C: Clock> Worker<S, C> {
     /// Runs until `shutdown` fires, then shuts down gracefully with the configured
@@ -72,13 +67,6 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
         // Claim at once on start, and again whenever the last claim filled every free slot (more
         // jobs are probably waiting) or a wake-up arrived.
         let mut claim_wanted = claiming;
-        let maintain =
-            |interval: Option<Duration>, at| first_run(interval.filter(|_| claiming), at);
-        let mut next_rescue = maintain(config.rescue_interval, start);
-        let mut next_prune = maintain(
-            config.prune_interval,
-            start + config.prune_interval.unwrap_or(FAR),
-        );
         let mut wake = if claiming { self.wake.take() } else { None };
 
         loop {
@@ -110,20 +98,6 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
                 }
             }
 
-            if let (Some(at), Some(interval)) = (next_rescue, config.rescue_interval)
-                && Instant::now() >= at
-            {
-                // A failure is logged and counted by the call; the next interval retries.
-                let _ = self.rescue_once().await;
-                next_rescue = Some(Instant::now() + interval);
-            }
-            if let (Some(at), Some(interval)) = (next_prune, config.prune_interval)
-                && Instant::now() >= at
-            {
-                let _ = self.prune_once().await;
-                next_prune = Some(Instant::now() + interval);
-            }
-
             // Claim (up to the free slots plus the buffer's room) and write outcomes, at once.
             let now = Instant::now();
             let claim = claiming
@@ -133,12 +107,8 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
             let write = self.pending_writes() > 0 && write_backoff.is_ready(now);
             if claim || write {
                 let idle = self.live_leases() == 0;
-                // New store calls stop when the heartbeat or the maintenance is due.
-                let until = [Some(next_heartbeat), next_rescue, next_prune]
-                    .into_iter()
-                    .flatten()
-                    .min()
-                    .unwrap_or(now + FAR);
+                // New store calls stop when the heartbeat is due.
+                let until = next_heartbeat;
                 let may_claim = claiming && claim_backoff.is_ready(now);
                 let done = self
                     .exchange(claim, write, until, wake.as_mut(), may_claim)
@@ -184,9 +154,6 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
             }
             if self.pending_writes() > 0 {
                 wake_at = wake_at.min(write_backoff.ready_at().unwrap_or(now));
-            }
-            for at in [next_rescue, next_prune].into_iter().flatten() {
-                wake_at = wake_at.min(at);
             }
             if let Until::Drained(deadline) = until {
                 wake_at = wake_at.min(deadline);

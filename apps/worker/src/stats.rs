@@ -82,10 +82,6 @@ counters! {
     writes_dropped,
     /// Failed store calls (connection errors, timeouts, unexpected refusals).
     db_errors,
-    /// Expired leases this worker's rescuer ended (any worker's).
-    rescued,
-    /// Finished jobs this worker's pruner deleted.
-    pruned,
 }
 
 /// A reading of a worker's counters and gauges.

@@ -137,8 +137,7 @@ macro_rules! job_event {
 ///
 /// Production calls [`Worker::run`]. Tests drive the same machinery step by step:
 /// [`Worker::claim_once`], [`Worker::settle`], [`Worker::run_once`], [`Worker::flush`],
-/// [`Worker::heartbeat_once`], [`Worker::rescue_once`], [`Worker::prune_once`] and
-/// [`Worker::shutdown`]; none of them sleeps except on the timers under test (per-job timeouts,
+/// [`Worker::heartbeat_once`] and [`Worker::shutdown`]; none of them sleeps except on the timers under test (per-job timeouts,
 /// the shutdown grace), so `tokio::time::pause` makes them instantaneous.
 ///
 /// `C` is the worker's estimate of the store's clock. It only decides how long an unwritten
@@ -1139,55 +1138,6 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
             self.held.remove(&lease);
             self.completions.retain(|(pending, _)| *pending != lease);
             self.others.retain(|(pending, _)| *pending != lease);
-        }
-    }
-
-    // ----- maintenance ----------------------------------------------------------------------
-
-    /// Rescues expired leases (of any worker) in batches of `rescue_batch_size` until fewer come
-    /// back. Returns how many were rescued (those of a failing call are not lost: the next run
-    /// picks them up).
-    pub async fn rescue_once(&mut self) -> StoreResult<u64> {
-        let limit = self.config.rescue_batch_size;
-        let mut total = 0;
-        loop {
-            let jobs = self
-                .call("rescue", self.store.job_rescue_expired(limit))
-                .await?;
-            for job in &jobs {
-                telemetry::rescued(&self.labels, job);
-                tracing::info!(
-                    job_id = job.id,
-                    kind = %job.kind,
-                    attempt = job.attempts,
-                    fencing_token = job.fencing_token,
-                    state = %job.state,
-                    "rescued an expired lease"
-                );
-            }
-            total += jobs.len() as u64;
-            self.stats.add(Counter::rescued, jobs.len() as u64);
-            if jobs.len() < limit as usize {
-                return Ok(total);
-            }
-        }
-    }
-
-    /// Deletes finished jobs past their retention in batches of `prune_batch_size` until fewer
-    /// come back. Returns how many were deleted.
-    pub async fn prune_once(&mut self) -> StoreResult<u64> {
-        let params = self.config.prune_params();
-        let mut total = 0;
-        loop {
-            let deleted = self.call("prune", self.store.job_prune(&params)).await?;
-            total += deleted;
-            self.stats.add(Counter::pruned, deleted);
-            if deleted < u64::from(params.limit) {
-                if total > 0 {
-                    tracing::info!(deleted = total, "pruned finished jobs past their retention");
-                }
-                return Ok(total);
-            }
         }
     }
 

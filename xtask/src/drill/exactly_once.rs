@@ -34,6 +34,8 @@ struct LedgerSpec {
     lease: Duration,
     poll: Duration,
     rescue: Duration,
+    /// The maintenance leadership (the leader rescues; it may be the worker killed).
+    leader_lease: Duration,
 }
 
 impl LedgerSpec {
@@ -51,6 +53,8 @@ impl LedgerSpec {
             &ms(self.poll),
             "--rescue-ms",
             &ms(self.rescue),
+            "--leader-lease-ms",
+            &ms(self.leader_lease),
         ]
         .map(str::to_owned)
         .into()
@@ -86,6 +90,7 @@ async fn run(ctx: Ctx) -> anyhow::Result<Report> {
         lease: Duration::from_secs(2),
         poll: Duration::from_millis(200),
         rescue: Duration::from_millis(250),
+        leader_lease: Duration::from_millis(900),
     };
     let pause = spec.lease + Duration::from_secs(1);
     let mut rng = Rng::for_drill();
@@ -127,7 +132,9 @@ async fn run(ctx: Ctx) -> anyhow::Result<Report> {
     let (mut kills, mut stops) = (0, 0);
     // Every fault that caught leases gets a watcher: how long until none of those leases is
     // held any more (rescued and handed on, or finished), measured while the schedule goes on.
-    let recovery_bound = spec.lease + spec.rescue + SLACK;
+    // A leader failover (lease + election interval) may come before the rescue.
+    let recovery_bound =
+        spec.lease + spec.leader_lease + spec.leader_lease / 3 + spec.rescue + SLACK;
     let mut watchers = Vec::new();
     for round in 1..=rounds {
         let wait = every.mul_f64(0.8 + 0.4 * (rng.between(0, 1_000) as f64 / 1_000.0));

@@ -35,8 +35,11 @@ pub(crate) struct WorkerSpec {
     pub(crate) shutdown_grace: Duration,
     /// `--poll-interval`: the longest a due job waits for a worker with free slots.
     pub(crate) poll_interval: Duration,
-    /// `--rescue-interval`: the longest an expired lease waits for a rescuer.
+    /// `--rescue-interval`: the longest an expired lease waits for the leader's rescuer.
     pub(crate) rescue_interval: Duration,
+    /// `--leader-lease` (elections every third of it): when the maintenance leader is killed,
+    /// another worker leads within this plus an election interval.
+    pub(crate) leader_lease: Duration,
     /// `--db-backoff-max`: the longest pause between retries while the database is down.
     pub(crate) db_backoff_max: Duration,
     /// `--store-timeout`.
@@ -56,6 +59,7 @@ impl WorkerSpec {
             shutdown_grace: Duration::from_secs(5),
             poll_interval: Duration::from_millis(200),
             rescue_interval: Duration::from_millis(250),
+            leader_lease: Duration::from_millis(900),
             db_backoff_max: Duration::from_secs(1),
             store_timeout: Duration::from_secs(2),
             demo_handlers: false,
@@ -63,11 +67,17 @@ impl WorkerSpec {
         }
     }
 
+    /// The longest an expired lease waits for a rescuer: a leader failover (the leader may be
+    /// among the killed workers: its lease plus an election interval), then a rescuer's round.
+    pub(crate) fn rescue_wait(&self) -> Duration {
+        self.leader_lease + self.leader_lease / 3 + self.rescue_interval
+    }
+
     /// The longest an expired lease's job waits before running again on a live worker with free
-    /// slots: a rescuer's round, the job's backoff (capped), a claim poll.
+    /// slots: the rescue wait, the job's backoff (capped), a claim poll.
     pub(crate) fn requeue_bound(&self) -> Duration {
         let backoff = Duration::from_millis(u64::try_from(super::db::BACKOFF.cap_ms).unwrap_or(0));
-        self.rescue_interval + backoff + self.poll_interval
+        self.rescue_wait() + backoff + self.poll_interval
     }
 
     fn args(&self, name: &str, sink: &Sink, metrics_port: u16) -> Vec<String> {
@@ -86,6 +96,10 @@ impl WorkerSpec {
             &ms(self.poll_interval),
             "--rescue-interval",
             &ms(self.rescue_interval),
+            "--leader-lease",
+            &ms(self.leader_lease),
+            "--process-heartbeat",
+            "500ms",
             "--shutdown-grace",
             &ms(self.shutdown_grace),
             "--db-backoff-min",

@@ -143,7 +143,7 @@ async fn run(ctx: Ctx) -> anyhow::Result<Report> {
         report.recovery(
             "crash job failed after the last death",
             failed_at.saturating_duration_since(last.at),
-            spec.lease + spec.rescue_interval + SLACK,
+            spec.lease + spec.rescue_wait() + SLACK,
         );
     }
     report.stale_rejected = Some(fleet.stale_rejected().await?);

@@ -79,7 +79,7 @@ async fn run(ctx: Ctx) -> anyhow::Result<Report> {
 
     // Recovery: the leases the last kill orphaned are rescued (the jobs are back in play).
     let last = deaths.last().expect("at least one round");
-    let rescue_bound = spec.lease + spec.rescue_interval + SLACK;
+    let rescue_bound = spec.lease + spec.rescue_wait() + SLACK;
     let last_worker = last.worker.clone();
     let last_at = last.at;
     wait_for(

@@ -672,56 +672,6 @@ async fn run_never_exceeds_the_concurrency_limit() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn run_heartbeats_long_jobs_and_rescues_a_dead_workers_job() {
-    let (store, clock) = tokio_memory();
-    // A "dead" worker claims a job and never heartbeats.
-    let orphan = enqueue(&*store, spec("long")).await;
-    assert_eq!(store.job_claim(&claim_as("ghost")).await.unwrap().len(), 1);
-    let long = enqueue(&*store, spec("long")).await;
-    let mut registry = Registry::new();
-    registry.register(
-        "long",
-        handler(|_| async {
-            tokio::time::sleep(Duration::from_secs(100)).await;
-            done()
-        }),
-    );
-    let cfg = WorkerConfig {
-        rescue_interval: Some(Duration::from_secs(5)),
-        prune_interval: Some(Duration::from_secs(60)),
-        ..config("w1")
-    };
-    let mut worker = Worker::new(store.clone(), clock, registry, cfg).unwrap();
-    let stats = worker.stats();
-    let stop = CancellationToken::new();
-    let token = stop.clone();
-    let running = tokio::spawn(async move { worker.run(token).await });
-    eventually("both jobs done", Duration::from_secs(600), || {
-        let stats = stats.clone();
-        async move { stats.counters().completed == 2 }
-    })
-    .await;
-    stop.cancel();
-    running.await.unwrap();
-
-    let job = store.job_get(long).await.unwrap();
-    assert_eq!(
-        (job.state, job.attempts),
-        (JobState::Succeeded, 1),
-        "100 s job under a 30 s lease, kept alive by heartbeats"
-    );
-    let job = store.job_get(orphan).await.unwrap();
-    assert_eq!((job.state, job.attempts), (JobState::Succeeded, 2));
-    assert!(
-        job.last_error
-            .unwrap()
-            .starts_with("lease expired (worker ghost")
-    );
-    let counters = stats.counters();
-    assert_eq!((counters.rescued, counters.leases_lost), (1, 0));
-}
-
-#[tokio::test(start_paused = true)]
 async fn run_returns_after_a_graceful_shutdown_on_its_token() {
     let (store, clock) = tokio_memory();
     let id = enqueue(&*store, spec("stuck")).await;
@@ -755,45 +705,4 @@ async fn run_returns_after_a_graceful_shutdown_on_its_token() {
     assert_eq!(report.counts.released, 1);
     let job = store.job_get(id).await.unwrap();
     assert_eq!((job.state, job.attempts), (JobState::Queued, 0));
-}
-
-#[tokio::test]
-async fn rescue_and_prune_steps_work_in_batches() {
-    let (store, clock) = memory();
-    let mut ids = Vec::new();
-    for _ in 0..5 {
-        ids.push(enqueue(&*store, spec("any")).await);
-    }
-    assert_eq!(store.job_claim(&claim_as("ghost")).await.unwrap().len(), 5);
-    let mut registry = Registry::new();
-    registry.register("any", handler(|_| async { done() }));
-    let cfg = WorkerConfig {
-        rescue_batch_size: 2,
-        prune_batch_size: 2,
-        ..config("w1")
-    };
-    let mut worker = Worker::new(store.clone(), clock.clone(), registry, cfg).unwrap();
-    assert_eq!(
-        worker.rescue_once().await.unwrap(),
-        0,
-        "leases still running"
-    );
-    clock.advance_ms(30_001);
-    assert_eq!(worker.rescue_once().await.unwrap(), 5);
-    assert_eq!(worker.stats().counters().rescued, 5);
-
-    // Finish them all (succeeded), then prune after the 24 h retention.
-    clock.advance_ms(60_000);
-    assert_eq!(worker.run_once().await.unwrap().counts.completed, 4);
-    assert_eq!(worker.run_once().await.unwrap().counts.completed, 1);
-    clock.advance_ms(24 * 3_600_000);
-    assert_eq!(
-        worker.prune_once().await.unwrap(),
-        0,
-        "retention is exclusive"
-    );
-    clock.advance_ms(1);
-    assert_eq!(worker.prune_once().await.unwrap(), 5);
-    assert_eq!(worker.stats().counters().pruned, 5);
-    assert!(store.job_get(ids[0]).await.is_err());
 }

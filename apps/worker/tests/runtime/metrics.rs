@@ -13,9 +13,11 @@ use faultline_ports::domain::{JobSpec, JobState};
 use faultline_ports::{JobStore, LabelGuard, ManualClock, MockJobStore};
 use faultline_postgres::PgStore;
 use faultline_tests::TestDb;
-use faultline_worker::{Outcome, Registry, Worker, WorkerConfig};
+use faultline_worker::{Maintenance, Outcome, Registry, Worker, WorkerConfig};
 
-use crate::support::{Gate, backend, config, done, enqueue, handler, memory, spec, t0};
+use crate::support::{
+    Gate, backend, config, done, enqueue, handler, maintenance, memory, spec, t0,
+};
 
 fn wide(worker_id: &str) -> WorkerConfig {
     WorkerConfig {
@@ -217,13 +219,7 @@ async fn lease_expiries_recoveries_and_stale_writes_are_counted() {
 
     // The victim is cut off past its leases; another worker's rescuer ends both attempts.
     clock.advance_ms(30_001);
-    let mut rescuer = Worker::new(
-        store.clone(),
-        clock.clone(),
-        outcomes_registry(),
-        wide("w2"),
-    )
-    .unwrap();
+    let mut rescuer = Maintenance::new(store.clone(), maintenance("w2")).unwrap();
     assert_eq!(rescuer.rescue_once().await.unwrap(), 2);
     assert_eq!(
         store.job_get(recovered).await.unwrap().state,
@@ -235,7 +231,15 @@ async fn lease_expiries_recoveries_and_stale_writes_are_counted() {
     assert_eq!(m.value(names::JOBS_RECOVERED_TOTAL, &[Q]), 1.0);
     assert_eq!(finished(&m, "b", "failed"), 1.0, "attempts spent");
     assert_eq!(m.value(names::JOBS_FINISHED_TOTAL, &[]), 1.0);
-    assert_eq!(m.value(names::WORKER_CONCURRENCY, &[]), 20.0);
+    assert_eq!(m.value(names::WORKER_CONCURRENCY, &[]), 10.0, "the victim's slots");
+    assert_eq!(m.value(names::LEADER, &[]), 0.0, "the step API does not lead");
+    assert_eq!(
+        m.value(
+            names::MAINTENANCE_RUNS_TOTAL,
+            &[("service", "rescuer"), ("outcome", "ok")]
+        ),
+        1.0
+    );
 
     // The victim's late outcomes are refused by the fencing.
     gate.open();
@@ -401,7 +405,11 @@ async fn a_worker_process_exposition_passes_promtool() {
     enqueue(&*store, spec("a")).await;
     stuck.claim_once().await.unwrap();
     clock.advance_ms(30_001);
-    worker.rescue_once().await.unwrap();
+    Maintenance::new(store.clone(), maintenance("w1"))
+        .unwrap()
+        .rescue_once()
+        .await
+        .unwrap();
     gate.open();
     stuck.settle().await;
     let mut sampler = QueueSampler::new(store.clone(), LabelGuard::default()).with_clock(clock);

@@ -10,11 +10,13 @@ use faultline_ports::domain::{JobSpec, JobState, RetryPolicy};
 use faultline_ports::{ClaimParams, Clock, JobStore, ManualClock, SystemClock};
 use faultline_postgres::PgStore;
 use faultline_tests::TestDb;
-use faultline_worker::{Outcome, Registry, Worker, WorkerConfig};
+use faultline_worker::{Maintenance, MaintenanceConfig, Outcome, Registry, Worker, WorkerConfig};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{Gate, config, done, enqueue, eventually, handler, spec, state_of, t0};
+use crate::support::{
+    Gate, config, done, enqueue, eventually, handler, maintenance, spec, state_of, t0,
+};
 
 /// A fresh database, and a store on it whose clock is a manual clock at [`t0`].
 async fn pg() -> (TestDb, Arc<PgStore>, ManualClock) {
@@ -266,19 +268,20 @@ async fn pg_rescuer_and_pruner_steps() {
     store.job_claim(&claim).await.unwrap();
     let mut registry = Registry::new();
     registry.register("fine", handler(|_| async { done() }));
-    let cfg = WorkerConfig {
+    let cfg = MaintenanceConfig {
         retain_succeeded: Duration::from_secs(3_600),
-        ..config("w1")
+        ..maintenance("w1")
     };
-    let mut worker = Worker::new(store.clone(), clock.clone(), registry, cfg).unwrap();
+    let mut service = Maintenance::new(store.clone(), cfg).unwrap();
+    let mut worker = Worker::new(store.clone(), clock.clone(), registry, config("w1")).unwrap();
     clock.advance_ms(30_001);
-    assert_eq!(worker.rescue_once().await.unwrap(), 1);
+    assert_eq!(service.rescue_once().await.unwrap(), 1);
     clock.advance_ms(10_000); // past the retry backoff
     assert_eq!(worker.run_once().await.unwrap().counts.completed, 1);
     let job = store.job_get(orphan).await.unwrap();
     assert_eq!((job.state, job.attempts), (JobState::Succeeded, 2));
     clock.advance_ms(3_600_001);
-    assert_eq!(worker.prune_once().await.unwrap(), 1);
+    assert_eq!(service.prune_once().await.unwrap(), 1);
     assert!(store.job_get(orphan).await.is_err());
 }
 
@@ -297,8 +300,6 @@ async fn pg_run_processes_jobs_end_to_end_and_stops_cleanly() {
     );
     let cfg = WorkerConfig {
         poll_interval: Duration::from_millis(50),
-        rescue_interval: Some(Duration::from_millis(200)),
-        prune_interval: Some(Duration::from_millis(200)),
         ..config("w1")
     };
     let mut worker = Worker::new(store.clone(), SystemClock, registry, cfg).unwrap();

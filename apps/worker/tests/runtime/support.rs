@@ -8,8 +8,8 @@ use std::time::Duration;
 use chrono::{DateTime, SubsecRound, TimeDelta, TimeZone, Utc};
 use faultline_memory::MemoryStore;
 use faultline_ports::domain::{Job, JobSpec, JobState};
-use faultline_ports::{Clock, JobStore, ManualClock, StoreError};
-use faultline_worker::{Handler, JobContext, Outcome, WorkerConfig};
+use faultline_ports::{Clock, JobStore, ManualClock, ProcessSpec, QueueSlots, StoreError};
+use faultline_worker::{Handler, JobContext, MaintenanceConfig, Outcome, WorkerConfig};
 use serde_json::json;
 use tokio::sync::watch;
 
@@ -113,17 +113,31 @@ pub(crate) fn memory() -> (Arc<MemoryStore>, ManualClock) {
     (Arc::new(store), clock)
 }
 
-/// A test configuration: short timers, maintenance off (tests turn it on when they test it).
+/// A test configuration: short timers.
 pub(crate) fn config(worker_id: &str) -> WorkerConfig {
     WorkerConfig {
         worker_id: worker_id.to_owned(),
         concurrency: 4,
         db_backoff_min: Duration::from_millis(100),
         db_backoff_max: Duration::from_secs(1),
-        rescue_interval: None,
-        prune_interval: None,
         ..WorkerConfig::default()
     }
+}
+
+/// A maintenance configuration for process `id` (a worker on `default`, 4 slots), with the
+/// production defaults otherwise.
+pub(crate) fn maintenance(id: &str) -> MaintenanceConfig {
+    MaintenanceConfig::new(ProcessSpec {
+        id: id.to_owned(),
+        role: "worker".to_owned(),
+        host: "test-host".to_owned(),
+        pid: 1,
+        version: "test".to_owned(),
+        queues: vec![QueueSlots {
+            queue: "default".to_owned(),
+            slots: 4,
+        }],
+    })
 }
 
 /// A job of `kind` with an empty payload.
