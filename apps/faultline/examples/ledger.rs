@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use faultline_ports::domain::JobSpec;
-use faultline_ports::{ProcessSpec, QueueSlots, StoreError, SystemClock};
+use faultline_ports::{ProcessSpec, QueueSlots, StoreError};
 use faultline_postgres::PgStore;
 use faultline_postgres::listen::{ListenOptions, spawn_listener};
 use faultline_worker::{
@@ -298,7 +298,7 @@ async fn worker(args: &[String]) -> anyhow::Result<()> {
     let maintenance = Maintenance::new(store.clone(), upkeep)?;
     let stop_maintenance = CancellationToken::new();
     let upkeeping = tokio::spawn(maintenance.run(stop_maintenance.clone()));
-    let mut worker = Worker::new(store, SystemClock, registry, config)?.with_wakeup(wakeups);
+    let mut worker = Worker::new(store, registry, config)?.with_wakeup(wakeups);
     let running = tokio::spawn({
         let shutdown = shutdown.clone();
         async move { worker.run(shutdown).await }

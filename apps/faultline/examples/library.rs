@@ -13,8 +13,8 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use faultline_ports::JobStore;
 use faultline_ports::domain::JobSpec;
-use faultline_ports::{JobStore, SystemClock};
 use faultline_postgres::PgStore;
 use faultline_postgres::listen::{ListenOptions, spawn_listener};
 use faultline_worker::{Handler, JobContext, Outcome, Registry, Worker, WorkerConfig};
@@ -85,13 +85,8 @@ async fn main() -> anyhow::Result<()> {
     registry.register("welcome-email", WelcomeEmail { sent: sent.clone() });
     let shutdown = CancellationToken::new();
     let wakeups = spawn_listener(connect, ListenOptions::default(), shutdown.child_token());
-    let mut worker = Worker::new(
-        Arc::new(store.clone()),
-        SystemClock,
-        registry,
-        WorkerConfig::default(),
-    )?
-    .with_wakeup(wakeups);
+    let mut worker = Worker::new(Arc::new(store.clone()), registry, WorkerConfig::default())?
+        .with_wakeup(wakeups);
     let running = tokio::spawn({
         let shutdown = shutdown.clone();
         async move { worker.run(shutdown).await }

@@ -6,7 +6,6 @@
 use std::sync::Arc;
 
 use clap::Args;
-use faultline_ports::SystemClock;
 use faultline_postgres::PgStore;
 use faultline_postgres::listen::{ListenOptions, spawn_listener};
 use faultline_worker::{MaintenanceConfig, Registry, Worker, WorkerConfig};
@@ -14,14 +13,19 @@ use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
 use tokio_util::sync::CancellationToken;
 
+use crate::maintenance::{self, MaintenanceArgs};
 use crate::options::{DatabaseArgs, HttpArgs, MetricsArgs, MetricsListen, WorkerArgs};
 use crate::telemetry::{self, Telemetry};
-use crate::maintenance::{self, MaintenanceArgs};
 use crate::{api, database, handlers, shutdown};
 
 /// `faultline worker` options.
 #[derive(Debug, Args)]
+#[command(subcommand_negates_reqs = true)]
 pub(crate) struct WorkerCommand {
+    /// `faultline worker list`: list the registered processes instead of running a worker.
+    #[command(subcommand)]
+    pub(crate) command: Option<crate::admin::WorkerAction>,
+
     #[command(flatten)]
     pub(crate) database: DatabaseArgs,
 
@@ -182,8 +186,8 @@ pub(crate) async fn serve(
         maintenance: upkeep,
     } = parts;
     let store = Arc::new(PgStore::new(pool.clone()));
-    let mut worker = Worker::new(store.clone(), SystemClock, registry, config)?
-        .with_metric_labels(telemetry.labels.clone());
+    let mut worker =
+        Worker::new(store.clone(), registry, config)?.with_metric_labels(telemetry.labels.clone());
     let stop_upkeep = CancellationToken::new();
     let upkeep = match upkeep {
         Some(config) => Some(maintenance::spawn(

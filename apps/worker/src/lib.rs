@@ -22,7 +22,7 @@
 //!
 //! ```no_run
 //! use std::sync::Arc;
-//! use faultline_ports::{JobStore, SystemClock};
+//! use faultline_ports::JobStore;
 //! use faultline_worker::{Handler, JobContext, Outcome, Registry, Worker, WorkerConfig};
 //! use tokio_util::sync::CancellationToken;
 //!
@@ -40,7 +40,7 @@
 //! async fn serve<S: JobStore>(store: Arc<S>, shutdown: CancellationToken) {
 //!     let mut registry = Registry::new();
 //!     registry.register("email", Email);
-//!     let mut worker = Worker::new(store, SystemClock, registry, WorkerConfig::default())
+//!     let mut worker = Worker::new(store, registry, WorkerConfig::default())
 //!         .expect("valid configuration");
 //!     worker.run(shutdown).await;
 //! }

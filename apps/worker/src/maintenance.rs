@@ -346,7 +346,8 @@ impl<S: JobStore> Maintenance<S> {
         if mine {
             let left = Duration::from_millis(u64::try_from(leadership.remaining_ms).unwrap_or(0));
             let until = sent + left.min(self.config.leader_lease);
-            let new_term = !matches!(previous, Role::Leader { term, .. } if term == leadership.term);
+            let new_term =
+                !matches!(previous, Role::Leader { term, .. } if term == leadership.term);
             self.set_role(Role::Leader {
                 term: leadership.term,
                 until,

@@ -11,7 +11,7 @@
 use tokio::time::{Duration, Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
-use faultline_ports::{Clock, JobStore};
+use faultline_ports::JobStore;
 
 use crate::backoff::Backoff;
 use crate::worker::{ShutdownReport, Worker};
@@ -28,7 +28,7 @@ enum Until<'a> {
 /// Far enough to mean "no deadline" without overflowing `Instant` arithmetic.
 const FAR: Duration = Duration::from_secs(86_400 * 365);
 
-impl<S: JobStore, C: Clock> Worker<S, C> {
+impl<S: JobStore> Worker<S> {
     /// Runs until `shutdown` fires, then shuts down gracefully with the configured
     /// `shutdown_grace` (see [`Worker::shutdown`]) and returns. Never returns early on a store
     /// error: failed calls are logged, counted and retried with backoff. The worker claims nothing

@@ -18,7 +18,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use faultline_domain::{FailureKind, Job, JobState, Limits};
 use faultline_ports::{
-    ClaimParams, Clock, Failure, HeartbeatOutcome, JobStore, LabelGuard, LeaseRef, MAX_CLAIM_LIMIT,
+    ClaimParams, Failure, HeartbeatOutcome, JobStore, LabelGuard, LeaseRef, MAX_CLAIM_LIMIT,
     StoreError, StoreResult, WriteOutcome,
 };
 use serde_json::Value;
@@ -94,8 +94,12 @@ struct Held {
     started: tokio::time::Instant,
     /// How long the handler ran, once it returned (or timed out, or panicked).
     run_time: Option<Duration>,
-    /// The latest end of the lease the store reported (claim or heartbeat), by the store's clock.
+    /// The latest end of the lease the store reported (claim or heartbeat), by the store's clock:
+    /// for the handler's information only, never compared with this machine's clock.
     lease_expires_at: DateTime<Utc>,
+    /// The end of the lease by this worker's monotonic clock, conservatively early: when the
+    /// claim or the latest heartbeat was sent, plus the lease length it asked for.
+    deadline: tokio::time::Instant,
     /// The handler's token.
     cancel: CancellationToken,
     /// The handler is still running (its task occupies a slot).
@@ -140,12 +144,15 @@ macro_rules! job_event {
 /// [`Worker::heartbeat_once`] and [`Worker::shutdown`]; none of them sleeps except on the timers under test (per-job timeouts,
 /// the shutdown grace), so `tokio::time::pause` makes them instantaneous.
 ///
-/// `C` is the worker's estimate of the store's clock. It only decides how long an unwritten
-/// outcome is worth retrying (until its lease ends) and when an unconfirmed lease counts as lost;
-/// lease and due times themselves are always computed by the store.
-pub struct Worker<S: JobStore, C: Clock> {
+/// Lease and due times are computed by the store. Where the worker itself must judge a lease
+/// (is a buffered job's lease still good, is an unwritten outcome still worth retrying, has an
+/// unconfirmed lease ended while the store is unreachable), it uses a deadline on its monotonic
+/// clock: the instant it sent the claim or heartbeat plus the lease length the store granted
+/// from its own later now. That deadline is never later than the real end, and no wall clock is
+/// ever compared with a database timestamp, so a worker whose clock is off by any amount in
+/// either direction loses nothing.
+pub struct Worker<S: JobStore> {
     pub(crate) store: Arc<S>,
-    pub(crate) clock: C,
     pub(crate) registry: Registry,
     pub(crate) config: WorkerConfig,
     pub(crate) wake: Option<watch::Receiver<u64>>,
@@ -168,7 +175,7 @@ pub struct Worker<S: JobStore, C: Clock> {
     reported_in_flight: usize,
 }
 
-impl<S: JobStore, C: Clock> std::fmt::Debug for Worker<S, C> {
+impl<S: JobStore> std::fmt::Debug for Worker<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Worker")
             .field("worker_id", &self.config.worker_id)
@@ -180,7 +187,7 @@ impl<S: JobStore, C: Clock> std::fmt::Debug for Worker<S, C> {
     }
 }
 
-impl<S: JobStore, C: Clock> Drop for Worker<S, C> {
+impl<S: JobStore> Drop for Worker<S> {
     /// Takes this worker's slots and running handlers out of the process's gauges.
     fn drop(&mut self) {
         telemetry::concurrency(-(self.config.concurrency as f64));
@@ -190,13 +197,12 @@ impl<S: JobStore, C: Clock> Drop for Worker<S, C> {
     }
 }
 
-impl<S: JobStore, C: Clock> Worker<S, C> {
-    /// A worker for `store`, reading the store's time from `clock`, running the handlers of
+impl<S: JobStore> Worker<S> {
+    /// A worker for `store`, running the handlers of
     /// `registry`. Refuses an invalid `config` and an empty registry (which would fail every job
     /// it claims).
     pub fn new(
         store: Arc<S>,
-        clock: C,
         registry: Registry,
         config: WorkerConfig,
     ) -> Result<Self, ConfigError> {
@@ -209,7 +215,6 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
         }
         Ok(Self {
             store,
-            clock,
             registry,
             config,
             wake: None,
@@ -342,8 +347,9 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
             return Ok(0);
         }
         let params = self.claim_params(free);
+        let sent = tokio::time::Instant::now();
         let jobs = self.call("claim", self.store.job_claim(&params)).await?;
-        Ok(self.apply_claim(jobs))
+        Ok(self.apply_claim(jobs, sent))
     }
 
     fn claim_params(&self, limit: usize) -> ClaimParams {
@@ -356,17 +362,18 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
         }
     }
 
-    /// Takes freshly claimed jobs: starts them in the free slots (after the jobs already
-    /// waiting), buffers the rest. Returns how many there were.
-    fn apply_claim(&mut self, jobs: Vec<Job>) -> usize {
+    /// Takes freshly claimed jobs (the claim was sent at `sent`): starts them in the free slots
+    /// (after the jobs already waiting), buffers the rest. Returns how many there were.
+    fn apply_claim(&mut self, jobs: Vec<Job>, sent: tokio::time::Instant) -> usize {
         let claimed = jobs.len();
         self.count(Counter::claimed, claimed);
         self.start_buffered();
+        let deadline = sent + self.config.lease;
         for job in jobs {
             if self.free_slots() > 0 {
-                self.start(job);
+                self.start(job, deadline);
             } else {
-                self.buffer(job);
+                self.buffer(job, deadline);
             }
         }
         self.sync_gauges();
@@ -394,7 +401,7 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
     }
 
     /// Holds a claimed job until a slot frees (its lease is heartbeated meanwhile).
-    fn buffer(&mut self, job: Job) {
+    fn buffer(&mut self, job: Job, deadline: tokio::time::Instant) {
         let lease = LeaseRef::of(&job);
         let held = Held {
             kind: job.kind.clone(),
@@ -402,7 +409,8 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
             labels: JobLabels::of(&self.labels, &job),
             started: tokio::time::Instant::now(),
             run_time: None,
-            lease_expires_at: job.lease_expires_at.unwrap_or_else(|| self.clock.now()),
+            lease_expires_at: job.lease_expires_at.unwrap_or(job.next_run_at),
+            deadline,
             cancel: CancellationToken::new(),
             running: false,
             lost: false,
@@ -414,9 +422,10 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
     }
 
     /// Starts buffered jobs in the free slots, oldest first. A job whose lease was found lost
-    /// meanwhile is skipped; one whose lease ended (by the worker's clock) is dropped as lost.
+    /// meanwhile is skipped; one whose lease ended (by the worker's monotonic reckoning) is
+    /// dropped as lost.
     pub(crate) fn start_buffered(&mut self) {
-        let now = self.clock.now();
+        let now = tokio::time::Instant::now();
         while self.free_slots() > 0
             && let Some(mut job) = self.buffered.pop_front()
         {
@@ -424,13 +433,13 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
             let Some(held) = self.held.get(&lease) else {
                 continue; // lost while buffered
             };
-            if held.lease_expires_at <= now {
+            if held.deadline <= now {
                 self.lose(lease, "the lease ended while the job waited for a slot");
                 continue;
             }
-            let cancel_requested = held.cancel_requested;
+            let (cancel_requested, deadline) = (held.cancel_requested, held.deadline);
             job.lease_expires_at = Some(held.lease_expires_at);
-            self.start(job);
+            self.start(job, deadline);
             if cancel_requested && let Some(held) = self.held.get_mut(&lease) {
                 held.cancel_requested = true;
                 held.cancel.cancel();
@@ -500,6 +509,7 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
         let (mut claim_more, mut write_more) = (claim && !self.draining, write);
         let mut first_claim = true;
         let mut asked = 0;
+        let mut claim_sent = tokio::time::Instant::now();
         let mut claimed: Option<StoreResult<(usize, bool)>> = None;
         let mut written = true;
         loop {
@@ -510,6 +520,7 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
                     let params = self.claim_params(room);
                     let store = store.clone();
                     asked = room;
+                    claim_sent = tokio::time::Instant::now();
                     claiming = Some(Box::pin(async move {
                         timed(limit, "claim", store.job_claim(&params)).await
                     }));
@@ -536,7 +547,7 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
                     match result {
                         Ok(jobs) => {
                             let full = jobs.len() >= asked;
-                            let n = self.apply_claim(jobs);
+                            let n = self.apply_claim(jobs, claim_sent);
                             let total = match &claimed {
                                 Some(Ok((total, _))) => *total,
                                 _ => 0,
@@ -585,11 +596,11 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
     }
 
     /// Starts the handler of a freshly claimed job in its own task (or queues the permanent
-    /// failure of a kind without handler).
-    fn start(&mut self, job: Job) {
+    /// failure of a kind without handler); `deadline` is its lease's end by the monotonic clock.
+    fn start(&mut self, job: Job, deadline: tokio::time::Instant) {
         let lease = LeaseRef::of(&job);
         let cancel = CancellationToken::new();
-        let lease_expires_at = job.lease_expires_at.unwrap_or_else(|| self.clock.now());
+        let lease_expires_at = job.lease_expires_at.unwrap_or(job.next_run_at);
         let labels = JobLabels::of(&self.labels, &job);
         telemetry::claimed(&labels, &job);
         let held = Held {
@@ -599,6 +610,7 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
             started: tokio::time::Instant::now(),
             run_time: None,
             lease_expires_at,
+            deadline,
             cancel: cancel.clone(),
             running: false,
             lost: false,
@@ -615,7 +627,8 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
             self.count(Counter::unknown_kind, 1);
             let error = format!("no handler registered for kind {:?}", job.kind);
             self.held.insert(lease, held);
-            self.others.push_back((lease, permanent(error, FailureKind::Worker)));
+            self.others
+                .push_back((lease, permanent(error, FailureKind::Worker)));
             return;
         };
         let timeout = job
@@ -815,10 +828,9 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
     }
 
     fn drop_expired_writes(&mut self) {
-        let now = self.clock.now();
-        let expired = |held: Option<&Held>| {
-            held.is_none_or(|held| held.write_failed && held.lease_expires_at <= now)
-        };
+        let now = tokio::time::Instant::now();
+        let expired =
+            |held: Option<&Held>| held.is_none_or(|held| held.write_failed && held.deadline <= now);
         let mut dropped = Vec::new();
         self.completions.retain(|(lease, _)| {
             let keep = !expired(self.held.get(lease));
@@ -981,7 +993,8 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
                 if let Some(held) = self.held.get(&lease) {
                     job_event!(error, lease, held, %error, "handler bug: outcome not recorded");
                 }
-                self.others.push_back((lease, retryable(error, FailureKind::Worker)));
+                self.others
+                    .push_back((lease, retryable(error, FailureKind::Worker)));
             }
         }
     }
@@ -1048,6 +1061,7 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
             return Ok(report);
         }
         let extend_ms = self.config.lease_ms();
+        let sent = tokio::time::Instant::now();
         let result = self
             .call(
                 "heartbeat",
@@ -1083,6 +1097,7 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
                         continue;
                     };
                     held.lease_expires_at = lease_expires_at;
+                    held.deadline = sent + self.config.lease;
                     if cancel_requested && !held.cancel_requested {
                         held.cancel_requested = true;
                         held.cancel.cancel();
@@ -1102,14 +1117,14 @@ impl<S: JobStore, C: Clock> Worker<S, C> {
         Ok(report)
     }
 
-    /// After a failed heartbeat: leases whose end has passed by the worker's clock may already be
-    /// rescued and running elsewhere, so their handlers are stopped.
+    /// After a failed heartbeat: leases whose end has passed by the worker's monotonic reckoning
+    /// may already be rescued and running elsewhere, so their handlers are stopped.
     fn expire_unconfirmed_leases(&mut self) {
-        let now = self.clock.now();
+        let now = tokio::time::Instant::now();
         let ended: Vec<LeaseRef> = self
             .held
             .iter()
-            .filter(|(_, held)| held.running && !held.lost && held.lease_expires_at <= now)
+            .filter(|(_, held)| held.running && !held.lost && held.deadline <= now)
             .map(|(lease, _)| *lease)
             .collect();
         for lease in ended {

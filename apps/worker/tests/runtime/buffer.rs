@@ -66,7 +66,7 @@ async fn run_buffers_short_jobs_beyond_its_slots_heartbeats_them_and_gives_them_
         shutdown_grace: Duration::from_secs(1),
         ..config("w1")
     };
-    let mut worker = Worker::new(store.clone(), clock.clone(), registry, cfg).unwrap();
+    let mut worker = Worker::new(store.clone(), registry, cfg).unwrap();
     assert_eq!(worker.buffered(), 0);
     let stats = worker.stats();
     let stop = CancellationToken::new();
@@ -117,7 +117,7 @@ async fn run_buffers_short_jobs_beyond_its_slots_heartbeats_them_and_gives_them_
 
 #[tokio::test(start_paused = true)]
 async fn run_claims_only_for_free_slots_when_jobs_outlast_the_buffer_horizon() {
-    let (store, clock) = paused_store();
+    let (store, _clock) = paused_store();
     for _ in 0..10 {
         enqueue(&*store, spec("slow")).await;
     }
@@ -138,7 +138,7 @@ async fn run_claims_only_for_free_slots_when_jobs_outlast_the_buffer_horizon() {
         concurrency: 2,
         ..config("w1")
     };
-    let mut worker = Worker::new(store.clone(), clock, registry, cfg).unwrap();
+    let mut worker = Worker::new(store.clone(), registry, cfg).unwrap();
     let stats = worker.stats();
     let stop = CancellationToken::new();
     let token = stop.clone();

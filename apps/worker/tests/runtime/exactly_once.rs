@@ -132,15 +132,10 @@ async fn effects(pool: &PgPool, id: i64) -> Vec<(i64, String)> {
 }
 
 /// A worker named `id` whose only kind, `tx`, runs `handler`.
-fn tx_worker(
-    store: &Arc<PgStore>,
-    clock: &ManualClock,
-    id: &str,
-    handler: Transactional,
-) -> Worker<PgStore, ManualClock> {
+fn tx_worker(store: &Arc<PgStore>, id: &str, handler: Transactional) -> Worker<PgStore> {
     let mut registry = Registry::new();
     registry.register("tx", handler);
-    Worker::new(store.clone(), clock.clone(), registry, config(id)).unwrap()
+    Worker::new(store.clone(), registry, config(id)).unwrap()
 }
 
 #[tokio::test]
@@ -150,10 +145,10 @@ async fn a_recorded_outcome_commits_with_its_effects_and_nothing_more_is_written
         (Decision::FailPermanently, JobState::Failed),
         (Decision::Snooze, JobState::Queued),
     ] {
-        let (db, store, clock) = pg_with_effects().await;
+        let (db, store, _clock) = pg_with_effects().await;
         let id = enqueue(&*store, spec("tx")).await;
         let handler = Transactional::new(&store, "w1", decision);
-        let mut worker = tx_worker(&store, &clock, "w1", handler);
+        let mut worker = tx_worker(&store, "w1", handler);
         let report = worker.run_once().await.unwrap();
         let counts = report.counts;
         assert_eq!(report.claimed, 1, "{decision:?}");
@@ -209,7 +204,7 @@ async fn a_handler_paused_past_its_lease_rolls_back_its_effects() {
         let pause = Gate::new();
         let mut stalled = Transactional::new(&store, "w1", decision);
         stalled.before_write = Some(pause.clone());
-        let mut first = tx_worker(&store, &clock, "w1", stalled);
+        let mut first = tx_worker(&store, "w1", stalled);
         assert_eq!(first.claim_once().await.unwrap(), 1);
 
         // Its lease runs out; the job is recovered and a second worker runs it to the end.
@@ -217,7 +212,7 @@ async fn a_handler_paused_past_its_lease_rolls_back_its_effects() {
         assert_eq!(store.job_rescue_expired(10).await.unwrap().len(), 1);
         clock.advance_ms(2_000); // past the retry backoff (1 s +- 10 %)
         let second_handler = Transactional::new(&store, "w2", Decision::Complete);
-        let mut second = tx_worker(&store, &clock, "w2", second_handler);
+        let mut second = tx_worker(&store, "w2", second_handler);
         let report = second.run_once().await.unwrap();
         assert_eq!((report.claimed, report.counts.completed), (1, 1));
 
@@ -253,12 +248,12 @@ async fn a_handler_paused_past_its_lease_rolls_back_its_effects() {
 
 #[tokio::test]
 async fn a_heartbeat_waiting_on_the_handlers_transaction_does_not_hide_its_outcome() {
-    let (db, store, clock) = pg_with_effects().await;
+    let (db, store, _clock) = pg_with_effects().await;
     let id = enqueue(&*store, spec("tx")).await;
     let commit = Gate::new();
     let mut handler = Transactional::new(&store, "w1", Decision::Complete);
     handler.before_commit = Some(commit.clone());
-    let mut worker = tx_worker(&store, &clock, "w1", handler);
+    let mut worker = tx_worker(&store, "w1", handler);
     assert_eq!(worker.claim_once().await.unwrap(), 1);
 
     // The handler's fenced write holds the job's row; wait until it has happened.
@@ -319,7 +314,7 @@ async fn a_heartbeat_waiting_on_the_handlers_transaction_does_not_hide_its_outco
 
 #[tokio::test]
 async fn a_recorded_outcome_for_another_lease_is_a_handler_bug_and_the_attempt_is_retried() {
-    let (_db, store, clock) = pg_with_effects().await;
+    let (_db, store, _clock) = pg_with_effects().await;
     let id = enqueue(&*store, spec("confused")).await;
     let other = enqueue(&*store, JobSpec::new("idle", json!({}))).await;
     let bogus = store.job_get(other).await.unwrap();
@@ -331,7 +326,7 @@ async fn a_recorded_outcome_for_another_lease_is_a_handler_bug_and_the_attempt_i
             async move { Outcome::recorded(bogus) }
         }),
     );
-    let mut worker = Worker::new(store.clone(), clock.clone(), registry, config("w1")).unwrap();
+    let mut worker = Worker::new(store.clone(), registry, config("w1")).unwrap();
     // Claims both; the `idle` kind has no handler and fails permanently.
     let report = worker.run_once().await.unwrap();
     assert_eq!(report.claimed, 2);

@@ -12,16 +12,13 @@ use faultline_ports::domain::{JobSpec, JobState};
 use faultline_ports::{ClaimParams, JobStore, Leadership, MockJobStore};
 use faultline_postgres::PgStore;
 use faultline_tests::TestDb;
-use faultline_worker::{
-    Maintenance, MaintenanceConfig, MaintenanceHandle, Registry, Worker,
-};
+use faultline_worker::{Maintenance, MaintenanceConfig, MaintenanceHandle, Registry, Worker};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{
-    TokioClock, backend, config, done, enqueue, eventually, handler, maintenance, memory, spec,
-    t0,
+    TokioClock, backend, config, done, enqueue, eventually, handler, maintenance, memory, spec, t0,
 };
 
 fn claim_as(worker_id: &str) -> ClaimParams {
@@ -174,7 +171,10 @@ async fn a_leader_that_cannot_renew_steps_down_before_its_lease_ends() {
     tokio::time::advance(Duration::from_millis(1_200)).await;
     assert!(service.is_leader());
     tokio::time::advance(Duration::from_millis(100)).await;
-    assert!(!service.is_leader(), "stepped down 700 ms before the lease ends");
+    assert!(
+        !service.is_leader(),
+        "stepped down 700 ms before the lease ends"
+    );
     assert!(service.elect_once().await.is_err());
     assert_eq!(service.term(), None);
     assert!(elected_at.elapsed() < Duration::from_secs(3));
@@ -217,7 +217,11 @@ async fn rescue_and_prune_steps_work_in_batches() {
         ..maintenance("m1")
     };
     let mut service = Maintenance::new(store.clone(), cfg).unwrap();
-    assert_eq!(service.rescue_once().await.unwrap(), 0, "leases still running");
+    assert_eq!(
+        service.rescue_once().await.unwrap(),
+        0,
+        "leases still running"
+    );
     clock.advance_ms(30_001);
     assert_eq!(service.rescue_once().await.unwrap(), 5);
 
@@ -225,11 +229,15 @@ async fn rescue_and_prune_steps_work_in_batches() {
     clock.advance_ms(60_000);
     let mut registry = Registry::new();
     registry.register("any", handler(|_| async { done() }));
-    let mut worker = Worker::new(store.clone(), clock.clone(), registry, config("w1")).unwrap();
+    let mut worker = Worker::new(store.clone(), registry, config("w1")).unwrap();
     assert_eq!(worker.run_once().await.unwrap().counts.completed, 4);
     assert_eq!(worker.run_once().await.unwrap().counts.completed, 1);
     clock.advance_ms(24 * 3_600_000);
-    assert_eq!(service.prune_once().await.unwrap(), 0, "retention is exclusive");
+    assert_eq!(
+        service.prune_once().await.unwrap(),
+        0,
+        "retention is exclusive"
+    );
     clock.advance_ms(1);
     assert_eq!(service.prune_once().await.unwrap(), 5);
     assert!(store.job_get(ids[0]).await.is_err());
@@ -251,7 +259,7 @@ async fn the_leader_rescues_a_dead_workers_job_while_a_worker_keeps_its_long_job
             done()
         }),
     );
-    let mut worker = Worker::new(store.clone(), clock, registry, config("w1")).unwrap();
+    let mut worker = Worker::new(store.clone(), registry, config("w1")).unwrap();
     let stats = worker.stats();
     let stop = CancellationToken::new();
     let token = stop.clone();

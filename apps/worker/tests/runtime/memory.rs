@@ -31,7 +31,7 @@ fn claim_as(worker_id: &str) -> ClaimParams {
 
 #[tokio::test]
 async fn completes_jobs_and_writes_their_results_in_batches() {
-    let (store, clock) = memory();
+    let (store, _clock) = memory();
     let mut ids = Vec::new();
     for n in 0..5 {
         ids.push(enqueue(&*store, JobSpec::new("echo", json!({ "n": n }))).await);
@@ -46,7 +46,7 @@ async fn completes_jobs_and_writes_their_results_in_batches() {
         completion_batch_size: 2,
         ..config("w1")
     };
-    let mut worker = Worker::new(store.clone(), clock, registry, cfg).unwrap();
+    let mut worker = Worker::new(store.clone(), registry, cfg).unwrap();
 
     let report = worker.run_once().await.unwrap();
     assert_eq!(report.claimed, 5);
@@ -91,7 +91,7 @@ async fn retries_to_terminal_failure_following_the_backoff_schedule() {
             }
         }),
     );
-    let mut worker = Worker::new(store.clone(), clock.clone(), registry, config("w1")).unwrap();
+    let mut worker = Worker::new(store.clone(), registry, config("w1")).unwrap();
 
     for attempt in 1..=5 {
         let report = worker.run_once().await.unwrap();
@@ -131,7 +131,7 @@ async fn retries_to_terminal_failure_following_the_backoff_schedule() {
 
 #[tokio::test]
 async fn explicit_retry_delays_and_snoozes_are_honoured() {
-    let (store, clock) = memory();
+    let (store, _clock) = memory();
     let retry = enqueue(&*store, spec("retry")).await;
     let snooze = enqueue(&*store, spec("snooze")).await;
     let mut registry = Registry::new();
@@ -152,7 +152,7 @@ async fn explicit_retry_delays_and_snoozes_are_honoured() {
             }
         }),
     );
-    let mut worker = Worker::new(store.clone(), clock.clone(), registry, config("w1")).unwrap();
+    let mut worker = Worker::new(store.clone(), registry, config("w1")).unwrap();
     let report = worker.run_once().await.unwrap();
     assert_eq!((report.counts.retried, report.counts.snoozed), (1, 1));
 
@@ -185,7 +185,7 @@ async fn a_lost_lease_cancels_the_handler_and_its_result_is_never_written() {
             }
         }),
     );
-    let mut worker = Worker::new(store.clone(), clock.clone(), registry, config("w1")).unwrap();
+    let mut worker = Worker::new(store.clone(), registry, config("w1")).unwrap();
     assert_eq!(worker.claim_once().await.unwrap(), 1);
 
     // The worker is cut off past its lease: another worker's rescuer ends the attempt and
@@ -237,7 +237,7 @@ async fn a_late_result_after_the_lease_moved_on_is_rejected_as_stale() {
             }
         }),
     );
-    let mut worker = Worker::new(store.clone(), clock.clone(), registry, config("w1")).unwrap();
+    let mut worker = Worker::new(store.clone(), registry, config("w1")).unwrap();
     assert_eq!(worker.claim_once().await.unwrap(), 1);
     clock.advance_ms(30_001);
     assert_eq!(store.job_rescue_expired(10).await.unwrap().len(), 1);
@@ -276,7 +276,7 @@ async fn heartbeats_keep_a_job_alive_past_its_initial_lease() {
             }
         }),
     );
-    let mut worker = Worker::new(store.clone(), clock.clone(), registry, config("w1")).unwrap();
+    let mut worker = Worker::new(store.clone(), registry, config("w1")).unwrap();
     assert_eq!(worker.claim_once().await.unwrap(), 1);
 
     clock.advance_ms(20_000);
@@ -301,7 +301,7 @@ async fn heartbeats_keep_a_job_alive_past_its_initial_lease() {
 
 #[tokio::test]
 async fn a_cancel_request_fires_the_token_and_the_failure_ends_cancelled() {
-    let (store, clock) = memory();
+    let (store, _clock) = memory();
     let id = enqueue(&*store, spec("stoppable")).await;
     let mut registry = Registry::new();
     registry.register(
@@ -314,7 +314,7 @@ async fn a_cancel_request_fires_the_token_and_the_failure_ends_cancelled() {
             }
         }),
     );
-    let mut worker = Worker::new(store.clone(), clock, registry, config("w1")).unwrap();
+    let mut worker = Worker::new(store.clone(), registry, config("w1")).unwrap();
     assert_eq!(worker.claim_once().await.unwrap(), 1);
     let marked = store.job_cancel(id).await.unwrap();
     assert!(marked.cancel_requested && marked.state == JobState::Running);
@@ -331,7 +331,7 @@ async fn a_cancel_request_fires_the_token_and_the_failure_ends_cancelled() {
 
 #[tokio::test]
 async fn a_panicking_handler_fails_only_its_own_job() {
-    let (store, clock) = memory();
+    let (store, _clock) = memory();
     let boom = enqueue(&*store, spec("boom")).await;
     let fine = enqueue(&*store, spec("fine")).await;
     let mut registry = Registry::new();
@@ -340,7 +340,7 @@ async fn a_panicking_handler_fails_only_its_own_job() {
         handler(|ctx| async move { panic!("boom in job {}", ctx.id) }),
     );
     registry.register("fine", handler(|_| async { done() }));
-    let mut worker = Worker::new(store.clone(), clock, registry, config("w1")).unwrap();
+    let mut worker = Worker::new(store.clone(), registry, config("w1")).unwrap();
 
     let report = worker.run_once().await.unwrap();
     assert_eq!(report.claimed, 2);
@@ -368,7 +368,7 @@ async fn a_panicking_handler_fails_only_its_own_job() {
 
 #[tokio::test(start_paused = true)]
 async fn a_timed_out_handler_is_cancelled_and_its_attempt_retried() {
-    let (store, clock) = memory();
+    let (store, _clock) = memory();
     let own_timeout = enqueue(
         &*store,
         JobSpec {
@@ -392,7 +392,7 @@ async fn a_timed_out_handler_is_cancelled_and_its_attempt_retried() {
         })
         .with_timeout(Duration::from_secs(2)),
     );
-    let mut worker = Worker::new(store.clone(), clock, registry, config("w1")).unwrap();
+    let mut worker = Worker::new(store.clone(), registry, config("w1")).unwrap();
     let started = Instant::now();
     let report = worker.run_once().await.unwrap();
     let elapsed = started.elapsed();
@@ -417,11 +417,11 @@ async fn a_timed_out_handler_is_cancelled_and_its_attempt_retried() {
 
 #[tokio::test]
 async fn an_unknown_kind_fails_permanently_with_a_clear_error() {
-    let (store, clock) = memory();
+    let (store, _clock) = memory();
     let id = enqueue(&*store, spec("mystery")).await;
     let mut registry = Registry::new();
     registry.register("known", handler(|_| async { done() }));
-    let mut worker = Worker::new(store.clone(), clock, registry, config("w1")).unwrap();
+    let mut worker = Worker::new(store.clone(), registry, config("w1")).unwrap();
     let report = worker.run_once().await.unwrap();
     assert_eq!(report.claimed, 1);
     assert_eq!((report.counts.unknown_kind, report.counts.failed), (1, 1));
@@ -435,14 +435,14 @@ async fn an_unknown_kind_fails_permanently_with_a_clear_error() {
 
 #[tokio::test]
 async fn a_result_the_store_cannot_keep_fails_the_job_permanently() {
-    let (store, clock) = memory();
+    let (store, _clock) = memory();
     let id = enqueue(&*store, spec("nul")).await;
     let mut registry = Registry::new();
     registry.register(
         "nul",
         handler(|_| async { Outcome::Complete(Some(json!({ "text": "a\u{0}b" }))) }),
     );
-    let mut worker = Worker::new(store.clone(), clock, registry, config("w1")).unwrap();
+    let mut worker = Worker::new(store.clone(), registry, config("w1")).unwrap();
     assert_eq!(worker.run_once().await.unwrap().counts.failed, 1);
     let job = store.job_get(id).await.unwrap();
     assert_eq!(job.state, JobState::Failed);
@@ -457,7 +457,7 @@ async fn a_result_the_store_cannot_keep_fails_the_job_permanently() {
 
 #[tokio::test(start_paused = true)]
 async fn graceful_shutdown_waits_then_gives_the_remaining_leases_back() {
-    let (store, clock) = memory();
+    let (store, _clock) = memory();
     let quick = enqueue(&*store, spec("quick")).await;
     let stuck_a = enqueue(&*store, spec("stuck")).await;
     let stuck_b = enqueue(&*store, spec("stuck")).await;
@@ -481,8 +481,7 @@ async fn graceful_shutdown_waits_then_gives_the_remaining_leases_back() {
             }
         }),
     );
-    let mut worker =
-        Worker::new(store.clone(), clock.clone(), registry.clone(), config("w1")).unwrap();
+    let mut worker = Worker::new(store.clone(), registry.clone(), config("w1")).unwrap();
     assert_eq!(worker.claim_once().await.unwrap(), 3);
 
     let started = Instant::now();
@@ -509,7 +508,7 @@ async fn graceful_shutdown_waits_then_gives_the_remaining_leases_back() {
     );
 
     // Another worker takes them immediately (the store's clock has not moved).
-    let mut other = Worker::new(store.clone(), clock, registry, config("w2")).unwrap();
+    let mut other = Worker::new(store.clone(), registry, config("w2")).unwrap();
     assert_eq!(other.claim_once().await.unwrap(), 2);
     let job = store.job_get(stuck_a).await.unwrap();
     assert_eq!((job.state, job.attempts), (JobState::Running, 1));
@@ -526,7 +525,7 @@ fn tokio_memory() -> (Arc<MemoryStore>, TokioClock) {
 
 #[tokio::test(start_paused = true)]
 async fn run_wakes_on_the_watch_channel_without_waiting_for_the_poll() {
-    let (store, clock) = tokio_memory();
+    let (store, _clock) = tokio_memory();
     let (ran_tx, mut ran_rx) = mpsc::unbounded_channel();
     let mut registry = Registry::new();
     registry.register(
@@ -540,7 +539,7 @@ async fn run_wakes_on_the_watch_channel_without_waiting_for_the_poll() {
         poll_interval: Duration::from_secs(3_600),
         ..config("w1")
     };
-    let mut worker = Worker::new(store.clone(), clock, registry, cfg)
+    let mut worker = Worker::new(store.clone(), registry, cfg)
         .unwrap()
         .with_wakeup(store.on_enqueue());
     let stop = CancellationToken::new();
@@ -567,7 +566,7 @@ async fn run_wakes_on_the_watch_channel_without_waiting_for_the_poll() {
 
 #[tokio::test(start_paused = true)]
 async fn run_polls_for_scheduled_jobs_and_missed_notifications() {
-    let (store, clock) = tokio_memory();
+    let (store, _clock) = tokio_memory();
     let (ran_tx, mut ran_rx) = mpsc::unbounded_channel();
     let mut registry = Registry::new();
     registry.register(
@@ -578,7 +577,7 @@ async fn run_polls_for_scheduled_jobs_and_missed_notifications() {
         }),
     );
     // No wake-up channel at all: only the poll finds work.
-    let mut worker = Worker::new(store.clone(), clock, registry, config("w1")).unwrap();
+    let mut worker = Worker::new(store.clone(), registry, config("w1")).unwrap();
     let stop = CancellationToken::new();
     let token = stop.clone();
     let running = tokio::spawn(async move { worker.run(token).await });
@@ -620,7 +619,7 @@ async fn run_polls_for_scheduled_jobs_and_missed_notifications() {
 
 #[tokio::test(start_paused = true)]
 async fn run_never_exceeds_the_concurrency_limit() {
-    let (store, clock) = tokio_memory();
+    let (store, _clock) = tokio_memory();
     let mut ids = Vec::new();
     for _ in 0..10 {
         ids.push(enqueue(&*store, spec("work")).await);
@@ -646,7 +645,7 @@ async fn run_never_exceeds_the_concurrency_limit() {
         concurrency: 3,
         ..config("w1")
     };
-    let mut worker = Worker::new(store.clone(), clock, registry, cfg).unwrap();
+    let mut worker = Worker::new(store.clone(), registry, cfg).unwrap();
     let stats = worker.stats();
     let stop = CancellationToken::new();
     let token = stop.clone();
@@ -673,7 +672,7 @@ async fn run_never_exceeds_the_concurrency_limit() {
 
 #[tokio::test(start_paused = true)]
 async fn run_returns_after_a_graceful_shutdown_on_its_token() {
-    let (store, clock) = tokio_memory();
+    let (store, _clock) = tokio_memory();
     let id = enqueue(&*store, spec("stuck")).await;
     let (started_tx, mut started_rx) = mpsc::unbounded_channel();
     let mut registry = Registry::new();
@@ -691,7 +690,7 @@ async fn run_returns_after_a_graceful_shutdown_on_its_token() {
         shutdown_grace: Duration::from_secs(2),
         ..config("w1")
     };
-    let mut worker = Worker::new(store.clone(), clock, registry, cfg).unwrap();
+    let mut worker = Worker::new(store.clone(), registry, cfg).unwrap();
     let stop = CancellationToken::new();
     let token = stop.clone();
     let running = tokio::spawn(async move { worker.run(token).await });

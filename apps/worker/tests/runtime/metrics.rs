@@ -92,13 +92,7 @@ async fn claims_waits_outcomes_retries_and_run_times_are_counted() {
     )
     .await;
     clock.advance_ms(2_000); // every job waits 2 s after it was due
-    let mut worker = Worker::new(
-        store.clone(),
-        clock.clone(),
-        outcomes_registry(),
-        wide("w1"),
-    )
-    .unwrap();
+    let mut worker = Worker::new(store.clone(), outcomes_registry(), wide("w1")).unwrap();
 
     let before = metrics.scrape();
     assert_eq!(before.value(names::JOBS_CLAIMED_TOTAL, &[]), 0.0);
@@ -204,13 +198,7 @@ async fn lease_expiries_recoveries_and_stale_writes_are_counted() {
     )
     .await;
     let gate = Gate::new();
-    let mut victim = Worker::new(
-        store.clone(),
-        clock.clone(),
-        gated_registry(&gate),
-        wide("w1"),
-    )
-    .unwrap();
+    let mut victim = Worker::new(store.clone(), gated_registry(&gate), wide("w1")).unwrap();
     assert_eq!(victim.claim_once().await.unwrap(), 2);
     assert_eq!(
         metrics.scrape().value(names::WORKER_JOBS_IN_FLIGHT, &[]),
@@ -231,8 +219,16 @@ async fn lease_expiries_recoveries_and_stale_writes_are_counted() {
     assert_eq!(m.value(names::JOBS_RECOVERED_TOTAL, &[Q]), 1.0);
     assert_eq!(finished(&m, "b", "failed"), 1.0, "attempts spent");
     assert_eq!(m.value(names::JOBS_FINISHED_TOTAL, &[]), 1.0);
-    assert_eq!(m.value(names::WORKER_CONCURRENCY, &[]), 10.0, "the victim's slots");
-    assert_eq!(m.value(names::LEADER, &[]), 0.0, "the step API does not lead");
+    assert_eq!(
+        m.value(names::WORKER_CONCURRENCY, &[]),
+        10.0,
+        "the victim's slots"
+    );
+    assert_eq!(
+        m.value(names::LEADER, &[]),
+        0.0,
+        "the step API does not lead"
+    );
     assert_eq!(
         m.value(
             names::MAINTENANCE_RUNS_TOTAL,
@@ -276,7 +272,7 @@ async fn a_heartbeat_on_a_lost_lease_counts_as_a_stale_write() {
             done()
         }),
     );
-    let mut worker = Worker::new(store.clone(), clock.clone(), registry, wide("w1")).unwrap();
+    let mut worker = Worker::new(store.clone(), registry, wide("w1")).unwrap();
     assert_eq!(worker.claim_once().await.unwrap(), 1);
     clock.advance_ms(30_001);
     assert_eq!(store.job_rescue_expired(10).await.unwrap().len(), 1);
@@ -310,10 +306,10 @@ async fn store_errors_are_counted_by_operation_and_db_up_follows_the_database() 
             Ok(vec![])
         }
     });
-    let clock = ManualClock::new(t0());
+    let _clock = ManualClock::new(t0());
     let mut registry = Registry::new();
     registry.register("k", handler(|_| async { done() }));
-    let mut worker = Worker::new(Arc::new(store), clock, registry, config("w1")).unwrap();
+    let mut worker = Worker::new(Arc::new(store), registry, config("w1")).unwrap();
 
     assert!(worker.claim_once().await.is_err());
     let m = metrics.scrape();
@@ -334,7 +330,7 @@ async fn store_errors_are_counted_by_operation_and_db_up_follows_the_database() 
 async fn queue_and_kind_labels_beyond_the_cap_fold_into_other() {
     let metrics = LocalMetrics::new();
     let _recording = metrics.enter();
-    let (store, clock) = memory();
+    let (store, _clock) = memory();
     for (queue, kind) in [("a", "k1"), ("b", "k2"), ("c", "k1")] {
         enqueue(
             &*store,
@@ -350,7 +346,6 @@ async fn queue_and_kind_labels_beyond_the_cap_fold_into_other() {
     registry.register("k2", handler(|_| async { done() }));
     let mut worker = Worker::new(
         store.clone(),
-        clock.clone(),
         registry,
         WorkerConfig {
             queues: vec!["a".into(), "b".into(), "c".into()],
@@ -383,25 +378,13 @@ async fn a_worker_process_exposition_passes_promtool() {
     for kind in ["ok", "flaky", "bad", "later", "unknown"] {
         enqueue(&*store, spec(kind)).await;
     }
-    let mut worker = Worker::new(
-        store.clone(),
-        clock.clone(),
-        outcomes_registry(),
-        wide("w1"),
-    )
-    .unwrap();
+    let mut worker = Worker::new(store.clone(), outcomes_registry(), wide("w1")).unwrap();
     worker.run_once().await.unwrap();
     // A lease that expires and is rescued.
     enqueue(&*store, spec("ok")).await;
     clock.advance_ms(10_000);
     let gate = Gate::new();
-    let mut stuck = Worker::new(
-        store.clone(),
-        clock.clone(),
-        gated_registry(&gate),
-        wide("w2"),
-    )
-    .unwrap();
+    let mut stuck = Worker::new(store.clone(), gated_registry(&gate), wide("w2")).unwrap();
     enqueue(&*store, spec("a")).await;
     stuck.claim_once().await.unwrap();
     clock.advance_ms(30_001);
@@ -461,13 +444,7 @@ async fn pg_outcomes_and_sampled_depth_match_the_database() {
         },
     )
     .await;
-    let mut worker = Worker::new(
-        store.clone(),
-        clock.clone(),
-        outcomes_registry(),
-        wide("w1"),
-    )
-    .unwrap();
+    let mut worker = Worker::new(store.clone(), outcomes_registry(), wide("w1")).unwrap();
     assert_eq!(worker.run_once().await.unwrap().claimed, 5);
     clock.advance_ms(500); // the retry is due after 900 ms at the earliest
     let mut sampler =

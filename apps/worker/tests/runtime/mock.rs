@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use faultline_ports::{HeartbeatOutcome, ManualClock, MockJobStore, WriteOutcome};
+use faultline_ports::{HeartbeatOutcome, MockJobStore, WriteOutcome};
 use faultline_worker::{Outcome, Registry, Worker, WorkerConfig};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -62,8 +62,7 @@ async fn the_worker_survives_a_database_outage_backs_off_and_recovers() {
         db_backoff_max: Duration::from_secs(1),
         ..config("w1")
     };
-    let clock = ManualClock::new(t0()); // the lease never ends: the write is worth retrying
-    let mut worker = Worker::new(Arc::new(store), clock, registry_done(), cfg).unwrap();
+    let mut worker = Worker::new(Arc::new(store), registry_done(), cfg).unwrap();
     let stats = worker.stats();
     let stop = CancellationToken::new();
     let token = stop.clone();
@@ -101,7 +100,7 @@ async fn the_worker_survives_a_database_outage_backs_off_and_recovers() {
     running.await.unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_completion_is_retried_while_its_heartbeated_lease_lasts_then_dropped() {
     let mut store = MockJobStore::new();
     store
@@ -125,31 +124,25 @@ async fn a_completion_is_retried_while_its_heartbeated_lease_lasts_then_dropped(
                 cancel_requested: false,
             }])
         });
-    let clock = ManualClock::new(t0());
-    let mut worker = Worker::new(
-        Arc::new(store),
-        clock.clone(),
-        registry_done(),
-        config("w1"),
-    )
-    .unwrap();
+    let mut worker = Worker::new(Arc::new(store), registry_done(), config("w1")).unwrap();
 
     let report = worker.run_once().await.unwrap();
     assert_eq!((report.claimed, report.pending_writes), (1, 1));
     assert_eq!(report.counts.db_errors, 1);
-    clock.advance_ms(20_000);
+    tokio::time::advance(Duration::from_millis(20_000)).await;
     let heartbeat = worker.heartbeat_once().await.unwrap();
     assert_eq!(
         heartbeat.extended, 1,
         "a lease with an unwritten outcome is kept alive"
     );
 
-    clock.advance_ms(15_000); // past the first lease end, within the extended one
+    tokio::time::advance(Duration::from_millis(15_000)).await; // past the first lease end, within the extended one
     let report = worker.flush().await;
     assert_eq!((report.pending_writes, report.counts.db_errors), (1, 1));
     assert_eq!(writes.load(Ordering::SeqCst), 2);
 
-    clock.advance_ms(15_000); // the extended lease has ended by the worker's clock
+    // The extended lease has ended by the worker's monotonic clock.
+    tokio::time::advance(Duration::from_millis(15_000)).await;
     let report = worker.flush().await;
     assert_eq!(report.pending_writes, 0);
     assert_eq!(report.counts.writes_dropped, 1);
@@ -161,7 +154,7 @@ async fn a_completion_is_retried_while_its_heartbeated_lease_lasts_then_dropped(
     assert_eq!(worker.leases_held(), 0);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn failed_heartbeats_past_the_lease_end_cancel_the_handler() {
     let mut store = MockJobStore::new();
     store
@@ -181,11 +174,10 @@ async fn failed_heartbeats_past_the_lease_end_cancel_the_handler() {
             done()
         }),
     );
-    let clock = ManualClock::new(t0());
-    let mut worker = Worker::new(Arc::new(store), clock.clone(), registry, config("w1")).unwrap();
+    let mut worker = Worker::new(Arc::new(store), registry, config("w1")).unwrap();
     assert_eq!(worker.claim_once().await.unwrap(), 1);
 
-    clock.advance_ms(10_000);
+    tokio::time::advance(Duration::from_millis(10_000)).await;
     assert!(worker.heartbeat_once().await.is_err());
     assert_eq!(
         worker.stats().counters().leases_lost,
@@ -194,7 +186,7 @@ async fn failed_heartbeats_past_the_lease_end_cancel_the_handler() {
     );
     assert_eq!(worker.in_flight(), 1);
 
-    clock.advance_ms(20_000);
+    tokio::time::advance(Duration::from_millis(20_000)).await;
     assert!(worker.heartbeat_once().await.is_err());
     assert_eq!(worker.stats().counters().leases_lost, 1);
     let report = worker.settle().await; // the handler saw its token; nothing is written
@@ -212,8 +204,7 @@ async fn an_idle_worker_polls_at_its_interval_and_does_not_spin() {
         c.fetch_add(1, Ordering::SeqCst);
         Ok(vec![])
     });
-    let clock = ManualClock::new(t0());
-    let mut worker = Worker::new(Arc::new(store), clock, registry_done(), config("w1")).unwrap();
+    let mut worker = Worker::new(Arc::new(store), registry_done(), config("w1")).unwrap();
     let stop = CancellationToken::new();
     let token = stop.clone();
     let running = tokio::spawn(async move { worker.run(token).await });
@@ -275,8 +266,7 @@ async fn a_busy_worker_claims_nothing_until_a_slot_frees() {
         concurrency: 2,
         ..config("w1")
     };
-    let clock = ManualClock::new(t0());
-    let mut worker = Worker::new(Arc::new(store), clock, registry, cfg).unwrap();
+    let mut worker = Worker::new(Arc::new(store), registry, cfg).unwrap();
     let stats = worker.stats();
     let stop = CancellationToken::new();
     let token = stop.clone();

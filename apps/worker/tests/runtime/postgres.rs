@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::TimeDelta;
 use faultline_ports::domain::{JobSpec, JobState, RetryPolicy};
-use faultline_ports::{ClaimParams, Clock, JobStore, ManualClock, SystemClock};
+use faultline_ports::{ClaimParams, Clock, JobStore, ManualClock};
 use faultline_postgres::PgStore;
 use faultline_tests::TestDb;
 use faultline_worker::{Maintenance, MaintenanceConfig, Outcome, Registry, Worker, WorkerConfig};
@@ -69,7 +69,7 @@ async fn pg_retries_to_terminal_failure_following_the_backoff_schedule() {
             }
         }),
     );
-    let mut worker = Worker::new(store.clone(), clock.clone(), registry, config("w1")).unwrap();
+    let mut worker = Worker::new(store.clone(), registry, config("w1")).unwrap();
     let mut gaps = Vec::new();
     for attempt in 1..=4 {
         assert_eq!(worker.run_once().await.unwrap().claimed, 1);
@@ -104,7 +104,7 @@ async fn pg_a_lost_lease_is_never_written_and_is_counted() {
             Outcome::Complete(Some(json!("too late")))
         }),
     );
-    let mut worker = Worker::new(store.clone(), clock.clone(), registry, config("w1")).unwrap();
+    let mut worker = Worker::new(store.clone(), registry, config("w1")).unwrap();
     assert_eq!(worker.claim_once().await.unwrap(), 1);
     clock.advance_ms(30_001);
     assert_eq!(store.job_rescue_expired(10).await.unwrap().len(), 1);
@@ -127,8 +127,7 @@ async fn pg_a_late_write_is_rejected_as_stale_and_counted() {
     let id = enqueue(&*store, spec("gated")).await;
     let gate = Gate::new();
     let registry = gated(&gate, Outcome::Complete(Some(json!("late"))));
-    let mut worker =
-        Worker::new(store.clone(), clock.clone(), registry.clone(), config("w1")).unwrap();
+    let mut worker = Worker::new(store.clone(), registry.clone(), config("w1")).unwrap();
     assert_eq!(worker.claim_once().await.unwrap(), 1);
     clock.advance_ms(30_001);
     assert_eq!(store.job_rescue_expired(10).await.unwrap().len(), 1);
@@ -157,7 +156,7 @@ async fn pg_heartbeats_keep_a_job_alive_past_its_initial_lease() {
     let id = enqueue(&*store, spec("gated")).await;
     let gate = Gate::new();
     let registry = gated(&gate, Outcome::Complete(Some(json!("kept alive"))));
-    let mut worker = Worker::new(store.clone(), clock.clone(), registry, config("w1")).unwrap();
+    let mut worker = Worker::new(store.clone(), registry, config("w1")).unwrap();
     assert_eq!(worker.claim_once().await.unwrap(), 1);
     for _ in 0..3 {
         clock.advance_ms(20_000);
@@ -183,8 +182,7 @@ async fn pg_graceful_shutdown_gives_leases_back_for_another_worker_at_once() {
     let b = enqueue(&*store, spec("gated")).await;
     let gate = Gate::new(); // never opened: the handlers outlive the grace period
     let registry = gated(&gate, done());
-    let mut first =
-        Worker::new(store.clone(), clock.clone(), registry.clone(), config("w1")).unwrap();
+    let mut first = Worker::new(store.clone(), registry.clone(), config("w1")).unwrap();
     assert_eq!(first.claim_once().await.unwrap(), 2);
 
     let report = first.shutdown(Duration::from_millis(100)).await;
@@ -197,7 +195,7 @@ async fn pg_graceful_shutdown_gives_leases_back_for_another_worker_at_once() {
         assert_eq!(job.lease_expires_at, None);
     }
     // Another worker takes them without the clock moving.
-    let mut second = Worker::new(store.clone(), clock.clone(), registry, config("w2")).unwrap();
+    let mut second = Worker::new(store.clone(), registry, config("w2")).unwrap();
     assert_eq!(second.claim_once().await.unwrap(), 2);
     let job = store.job_get(a).await.unwrap();
     assert_eq!(
@@ -210,7 +208,7 @@ async fn pg_graceful_shutdown_gives_leases_back_for_another_worker_at_once() {
 
 #[tokio::test]
 async fn pg_panic_timeout_and_unknown_kind_fail_only_their_jobs() {
-    let (_db, store, clock) = pg().await;
+    let (_db, store, _clock) = pg().await;
     let panics = enqueue(&*store, spec("panic")).await;
     let slow = enqueue(
         &*store,
@@ -232,7 +230,7 @@ async fn pg_panic_timeout_and_unknown_kind_fail_only_their_jobs() {
         }),
     );
     registry.register("fine", handler(|_| async { done() }));
-    let mut worker = Worker::new(store.clone(), clock, registry, config("w1")).unwrap();
+    let mut worker = Worker::new(store.clone(), registry, config("w1")).unwrap();
     let report = worker.run_once().await.unwrap();
     assert_eq!(report.claimed, 4);
     let c = report.counts;
@@ -273,7 +271,7 @@ async fn pg_rescuer_and_pruner_steps() {
         ..maintenance("w1")
     };
     let mut service = Maintenance::new(store.clone(), cfg).unwrap();
-    let mut worker = Worker::new(store.clone(), clock.clone(), registry, config("w1")).unwrap();
+    let mut worker = Worker::new(store.clone(), registry, config("w1")).unwrap();
     clock.advance_ms(30_001);
     assert_eq!(service.rescue_once().await.unwrap(), 1);
     clock.advance_ms(10_000); // past the retry backoff
@@ -302,7 +300,7 @@ async fn pg_run_processes_jobs_end_to_end_and_stops_cleanly() {
         poll_interval: Duration::from_millis(50),
         ..config("w1")
     };
-    let mut worker = Worker::new(store.clone(), SystemClock, registry, cfg).unwrap();
+    let mut worker = Worker::new(store.clone(), registry, cfg).unwrap();
     let stats = worker.stats();
     let stop = CancellationToken::new();
     let token = stop.clone();
