@@ -60,3 +60,8 @@ as $$
         ), '[]'::jsonb)
     end
 $$;
+
+-- The claim that leased a job (a random id chosen by the claimant): a claimant whose claim timed
+-- out or whose connection broke gives back whatever that claim leased, attempt included, without
+-- waiting for the leases to expire (`job_release_claim`).
+alter table faultline_jobs add column claim_id bigint;

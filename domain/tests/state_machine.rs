@@ -1,7 +1,9 @@
 //! Property tests of the job state machine: random event sequences never reach an illegal state.
 
 use chrono::{DateTime, TimeDelta, Utc};
-use faultline_domain::{AttemptError, Event, FailureKind, EventKind, Job, JobSpec, JobState, TransitionError};
+use faultline_domain::{
+    AttemptError, Event, EventKind, FailureKind, Job, JobSpec, JobState, TransitionError,
+};
 use proptest::prelude::*;
 use serde_json::json;
 

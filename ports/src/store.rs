@@ -80,6 +80,10 @@ pub struct ClaimParams {
     pub lease_ms: i64,
     /// The claiming worker, recorded as `lease_owner`.
     pub worker_id: String,
+    /// A random id of this claim call, kept with each job it leases: when the call times out or
+    /// its connection breaks (its answer is lost, it may or may not have committed), the caller
+    /// gives back whatever it leased with [`JobStore::job_release_claim`]. `None`: no such id.
+    pub claim_id: Option<i64>,
 }
 
 /// The result of extending one lease, in input order.
@@ -266,6 +270,12 @@ pub trait JobStore: Send + Sync + 'static {
     /// attempt count and the fencing token. Concurrent claimers never receive the same job.
     async fn job_claim(&self, params: &ClaimParams) -> StoreResult<Vec<Job>>;
 
+    /// Gives back every job still leased by the claim call `claim_id` (see
+    /// [`ClaimParams::claim_id`]) as a snooze of 0 ms would: queued and due now with its attempt
+    /// returned (`cancelled` when a cancel was requested). For a claimant that never received the
+    /// answer of that claim. Returns how many jobs it gave back. Idempotent.
+    async fn job_release_claim(&self, claim_id: i64) -> StoreResult<u64>;
+
     /// Extends the given leases to now + `extend_ms`, with an outcome per lease in input order.
     async fn job_heartbeat_many(
         &self,
@@ -290,7 +300,10 @@ pub trait JobStore: Send + Sync + 'static {
     /// Records many failed attempts in one round trip (each as [`JobStore::job_fail`], each
     /// fenced by its own lease), with an outcome per item in input order. A lease repeated
     /// within the batch is applied at most once (its first occurrence).
-    async fn job_fail_many(&self, failures: &[(LeaseRef, Failure)]) -> StoreResult<Vec<WriteOutcome>>;
+    async fn job_fail_many(
+        &self,
+        failures: &[(LeaseRef, Failure)],
+    ) -> StoreResult<Vec<WriteOutcome>>;
 
     /// Puts a leased job back for `delay_ms` without using up its attempt.
     async fn job_snooze(&self, lease: LeaseRef, delay_ms: i64) -> StoreResult<Job>;

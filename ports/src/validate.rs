@@ -144,6 +144,7 @@ mod tests {
             limit: 10,
             lease_ms: 30_000,
             worker_id: "w1".into(),
+            claim_id: None,
         }
     }
 
@@ -175,6 +176,7 @@ mod tests {
             (
                 ClaimParams {
                     worker_id: "".into(),
+                    claim_id: None,
                     ..claim()
                 },
                 "worker_id must be 1 to",

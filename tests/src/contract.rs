@@ -14,7 +14,9 @@ use std::fmt::Debug;
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use faultline_domain::{Event, FailureKind, EventKind, Job, JobSpec, JobState, Limits, RetryPolicy};
+use faultline_domain::{
+    Event, EventKind, FailureKind, Job, JobSpec, JobState, Limits, RetryPolicy,
+};
 use faultline_memory::MemoryStore;
 use faultline_ports::{
     ClaimParams, Clock, EnqueueOutcome, Failure, HeartbeatOutcome, JobStore, LeaseRef, ListParams,
@@ -83,6 +85,7 @@ macro_rules! contract_suite {
             leadership_has_one_holder_per_term,
             concurrent_candidates_elect_exactly_one_leader,
             processes_register_refresh_and_expire,
+            a_lost_claim_is_given_back_by_its_claim_id,
         );
     };
     (@cases $name:ident, $factory:expr; $($case:ident),+ $(,)?) => {
@@ -271,6 +274,7 @@ pub(crate) fn params(queues: &[&str], limit: u32, lease_ms: i64) -> ClaimParams 
         limit,
         lease_ms,
         worker_id: "w1".to_owned(),
+        claim_id: None,
     }
 }
 
@@ -322,7 +326,7 @@ fn expect_stale<T: Debug>(result: StoreResult<T>, lease: LeaseRef) {
 
 /// Every kind of lease-holder write with `lease` is refused as stale: complete, retryable and
 /// permanent fail, snooze, heartbeat (lost) and batch complete.
-async fn expect_every_write_stale(f: &Fixture, lease: LeaseRef) {
+pub(crate) async fn expect_every_write_stale(f: &Fixture, lease: LeaseRef) {
     expect_stale(
         f.store.job_complete(lease, Some(json!("late"))).await,
         lease,
@@ -890,6 +894,7 @@ pub async fn claim_starts_an_attempt_with_a_new_token_and_a_lease_from_the_store
     let now = f.now();
     let p = ClaimParams {
         worker_id: "worker-7".into(),
+        claim_id: None,
         ..params(&["q"], 5, 30_000)
     };
     let claimed = f.claim(&p).await;
@@ -915,6 +920,7 @@ pub async fn claim_starts_an_attempt_with_a_new_token_and_a_lease_from_the_store
     let now = f.now();
     let p = ClaimParams {
         worker_id: "worker-8".into(),
+        claim_id: None,
         ..params(&["q"], 5, 5_000)
     };
     let second = f.claim(&p).await;
@@ -2093,6 +2099,7 @@ pub async fn concurrent_claimers_never_receive_the_same_job(f: Fixture) {
         tasks.spawn(async move {
             let p = ClaimParams {
                 worker_id: format!("w{worker}"),
+                claim_id: None,
                 ..params(&["busy"], worker % 4 + 1, 60_000)
             };
             let mut mine = Vec::new();

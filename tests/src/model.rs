@@ -21,8 +21,8 @@ use std::sync::Arc;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use faultline_domain::{
-    FailureKind,
-    Event, EventKind, Job, JobSpec, JobState, RetryPolicy, TransitionError, payload_fingerprint,
+    Event, EventKind, FailureKind, Job, JobSpec, JobState, RetryPolicy, TransitionError,
+    payload_fingerprint,
 };
 use faultline_memory::MemoryStore;
 use faultline_ports::{
@@ -659,7 +659,9 @@ async fn compare_all(store: &dyn JobStore, model: &Model) -> Result<(), String> 
     let got: Vec<(&str, bool)> = queues.iter().map(|q| (q.name.as_str(), q.paused)).collect();
     let want: Vec<(&str, bool)> = model.queues.iter().map(|(q, p)| (q.as_str(), *p)).collect();
     if got != want {
-        return Err(format!("queue_list differs:\n  store: {got:?}\n  model: {want:?}"));
+        return Err(format!(
+            "queue_list differs:\n  store: {got:?}\n  model: {want:?}"
+        ));
     }
 
     let backlog = store
@@ -811,6 +813,7 @@ async fn run_step(
                 limit: *limit,
                 lease_ms: *lease_ms,
                 worker_id: WORKERS[usize::from(*worker)].to_owned(),
+                claim_id: None,
             };
             let got: Result<Vec<Job>, Refusal> =
                 store.job_claim(&params).await.map_err(Refusal::from);
@@ -956,7 +959,10 @@ async fn run_step(
             model.queues.insert(name.to_owned(), pause);
             match got {
                 Ok(q) if q.name == name && q.paused == pause => Ok(line),
-                other => Err((line, format!("expected {name} paused={pause}, got {other:?}"))),
+                other => Err((
+                    line,
+                    format!("expected {name} paused={pause}, got {other:?}"),
+                )),
             }
         }
         Op::FailMany { items } => {

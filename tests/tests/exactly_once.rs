@@ -153,6 +153,7 @@ impl World {
                         limit: 1,
                         lease_ms: LEASE_MS,
                         worker_id: format!("w{who}"),
+                        claim_id: None,
                     })
                     .await
                     .map_err(|e| format!("claim: {e}"))?;

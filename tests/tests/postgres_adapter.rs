@@ -318,6 +318,7 @@ async fn claim_plan_jobs(store: &PgStore, limit: u32) -> Vec<faultline_ports::do
             limit,
             lease_ms: 60_000,
             worker_id: "w".into(),
+            claim_id: None,
         })
         .await
         .unwrap()
@@ -485,9 +486,9 @@ async fn hot_statements_look_jobs_up_by_primary_key_under_forced_generic_plans()
         let nodes = cached_plan(
             &mut conn,
             &format!("claim_{n}"),
-            &format!("{queue_type}, text[], int8, text, int8, timestamptz"),
+            &format!("{queue_type}, text[], int8, text, int8, timestamptz, int8"),
             statement,
-            &format!("{queues}, '{{}}', 32, 'w', 30000, null"),
+            &format!("{queues}, '{{}}', 32, 'w', 30000, null, 123"),
         )
         .await;
         assert_primary_key_lookups(&nodes, what);
@@ -574,6 +575,7 @@ async fn queue_backlog_reads_only_the_claim_and_rescue_indexes_under_a_large_his
                 limit: n,
                 lease_ms: 60_000,
                 worker_id: "w".into(),
+                claim_id: None,
             })
             .await
             .unwrap();

@@ -9,7 +9,7 @@ use chrono::Utc;
 use faultline_ports::domain::{FailureKind, Limits};
 use faultline_ports::{
     ClaimParams, EnqueueOutcome, Failure, JobStore, LeaseRef, ListParams, StoreError, StoreResult,
-    validate_extend_ms, validate_result, validate_snooze_ms,
+    validate_extend_ms, validate_queue_name, validate_result, validate_snooze_ms,
 };
 use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
@@ -23,13 +23,14 @@ use crate::auth::BearerAuth;
 use crate::dto::{
     BatchItemResult, BatchResult, CompleteRequest, ComponentStatus, FailRequest, Health,
     HealthStatus, HeartbeatRequest, HeartbeatResult, JobPage, JobStateDto, JobView, LeaseGrant,
-    LeaseRequest, LeasedJob, MAX_ERROR_CHARS, MAX_WAIT_SECONDS, NewJob, NewJobBatch, QueueList,
-    QueueSummary, SnoozeRequest, Text, check_json_size, seconds_to_ms,
+    LeaseRequest, LeasedJob, MAX_ERROR_CHARS, MAX_WAIT_SECONDS, NewJob, NewJobBatch, SnoozeRequest,
+    Text, check_json_size, seconds_to_ms,
 };
+use crate::fleet::{QueueList, QueueSummary, QueueView, WorkerList};
 use crate::health::HealthCheck;
 use crate::problem::{
-    ActionError, BatchError, ClaimError, EnqueueError, LeaseError, ListError, Problem, ReadError,
-    StatsError,
+    ActionError, BatchError, ClaimError, EnqueueError, LeaseError, ListError, Problem,
+    ProcessListError, QueueActionError, ReadError, StatsError,
 };
 use crate::telemetry;
 
@@ -76,12 +77,14 @@ impl Ctx {
 pub(crate) enum ApiTags {
     /// Submit, inspect, cancel and retry jobs.
     Jobs,
-    /// Queue statistics.
+    /// Queues: statistics, pause and resume.
     Queues,
     /// The worker protocol: lease jobs, then heartbeat, complete, fail or snooze them with the
     /// lease token. Every write is fenced: a stale token changes nothing and gets 409 with the
     /// problem type `.../stale-lease`.
     Workers,
+    /// The registered processes (workers and API servers) and the maintenance leader.
+    Processes,
     /// Health of the service.
     Operations,
 }
@@ -130,9 +133,25 @@ pub(crate) enum PageResponse {
 /// Queue statistics.
 #[derive(ApiResponse)]
 pub(crate) enum QueuesResponse {
-    /// Every queue that has a job.
+    /// Every queue that has a job or a row.
     #[oai(status = 200)]
     Ok(Json<QueueList>),
+}
+
+/// A queue's row.
+#[derive(ApiResponse)]
+pub(crate) enum QueueResponse {
+    /// The queue after the action.
+    #[oai(status = 200)]
+    Ok(Json<QueueView>),
+}
+
+/// The registered processes.
+#[derive(ApiResponse)]
+pub(crate) enum WorkersResponse {
+    /// Every registered process and the maintenance leader.
+    #[oai(status = 200)]
+    Ok(Json<WorkerList>),
 }
 
 /// Leased jobs.
@@ -379,26 +398,101 @@ impl JobsApi {
     }
 }
 
-/// Queue statistics.
+/// Queues: statistics, pause and resume.
 pub(crate) struct QueuesApi(pub(crate) Arc<Ctx>);
 
 #[OpenApi(prefix_path = "/v1", tag = "ApiTags::Queues")]
 impl QueuesApi {
     /// List queues
     ///
-    /// Per queue that has any job: the number of jobs in each state and the age of the oldest
-    /// job that is due but not yet leased.
+    /// Per queue that has a job or a row (a queue gets its row with its first job, or when it is
+    /// paused or resumed): the number of jobs in each state, the age of the oldest job that is
+    /// due but not yet leased, and whether the queue is paused. Sorted by name.
     #[oai(path = "/queues", method = "get", operation_id = "list_queues")]
     async fn list_queues(&self, _auth: BearerAuth) -> Result<QueuesResponse, StatsError> {
         let ctx = &self.0;
-        let stats = ctx.call("queue_stats", ctx.store.queue_stats()).await?;
-        let now = Utc::now();
+        let (stats, rows) = tokio::try_join!(
+            ctx.call("queue_stats", ctx.store.queue_stats()),
+            ctx.call("queue_list", ctx.store.queue_list()),
+        )?;
         Ok(QueuesResponse::Ok(Json(QueueList {
-            queues: stats
-                .into_iter()
-                .map(|s| QueueSummary::new(s, now))
-                .collect(),
+            queues: QueueSummary::merge(stats, rows, Utc::now()),
         })))
+    }
+
+    /// Pause a queue
+    ///
+    /// From the moment this answers, no worker and no lease request claims the queue's jobs
+    /// (leases granted before run to their end); enqueues still succeed and the jobs wait.
+    /// Pausing a paused queue changes nothing; a queue that has no row yet (no job ever) gets
+    /// one, paused.
+    #[oai(
+        path = "/queues/:name/pause",
+        method = "post",
+        operation_id = "pause_queue"
+    )]
+    async fn pause_queue(
+        &self,
+        _auth: BearerAuth,
+        /// The queue's name (percent-encoded in the path).
+        #[oai(validator(min_length = 1, max_length = 128))]
+        name: Path<String>,
+    ) -> Result<QueueResponse, QueueActionError> {
+        let ctx = &self.0;
+        validate_queue_name(&name.0).map_err(Problem::from)?;
+        let queue = ctx
+            .call("queue_pause", ctx.store.queue_pause(&name.0))
+            .await?;
+        tracing::info!(queue = %queue.name, "queue paused over HTTP");
+        Ok(QueueResponse::Ok(Json(queue.into())))
+    }
+
+    /// Resume a queue
+    ///
+    /// Its due jobs are claimable again at once (waiting lease requests are woken). Resuming a
+    /// queue that is not paused changes nothing; a queue that has no row yet gets one.
+    #[oai(
+        path = "/queues/:name/resume",
+        method = "post",
+        operation_id = "resume_queue"
+    )]
+    async fn resume_queue(
+        &self,
+        _auth: BearerAuth,
+        /// The queue's name (percent-encoded in the path).
+        #[oai(validator(min_length = 1, max_length = 128))]
+        name: Path<String>,
+    ) -> Result<QueueResponse, QueueActionError> {
+        let ctx = &self.0;
+        validate_queue_name(&name.0).map_err(Problem::from)?;
+        let queue = ctx
+            .call("queue_resume", ctx.store.queue_resume(&name.0))
+            .await?;
+        tracing::info!(queue = %queue.name, "queue resumed over HTTP");
+        Ok(QueueResponse::Ok(Json(queue.into())))
+    }
+}
+
+/// The registered processes.
+pub(crate) struct ProcessesApi(pub(crate) Arc<Ctx>);
+
+#[OpenApi(prefix_path = "/v1", tag = "ApiTags::Processes")]
+impl ProcessesApi {
+    /// List workers
+    ///
+    /// Every registered process (workers, API servers, `dev`), sorted by id, with the queues and
+    /// slots it claims and when it was last seen, and the maintenance leadership: the process
+    /// that holds it unexpired has `leader: true`.
+    #[oai(path = "/workers", method = "get", operation_id = "list_workers")]
+    async fn list_workers(&self, _auth: BearerAuth) -> Result<WorkersResponse, ProcessListError> {
+        let ctx = &self.0;
+        let (processes, leader) = tokio::try_join!(
+            ctx.call("process_list", ctx.store.process_list()),
+            ctx.call("leader_get", ctx.store.leader_get()),
+        )?;
+        Ok(WorkersResponse::Ok(Json(WorkerList::new(
+            processes, leader,
+        ))))
     }
 }
 
@@ -429,6 +523,7 @@ impl WorkersApi {
             limit: request.limit,
             lease_ms: seconds_to_ms("lease_seconds", request.lease_seconds)?,
             worker_id: request.worker_id.0,
+            claim_id: None,
         };
         params.validate().map_err(Problem::from)?;
         let wait = Duration::from_secs_f64(request.wait_seconds.clamp(0.0, MAX_WAIT_SECONDS));

@@ -5,8 +5,10 @@
 use std::borrow::Cow;
 
 use chrono::{DateTime, Utc};
-use faultline_ports::domain::{Job, JobSpec, JobState, Limits, RetryPolicy};
-use faultline_ports::{EnqueueOutcome, HeartbeatOutcome, QueueStats};
+use faultline_ports::domain::{
+    AttemptError, FailureKind, Job, JobSpec, JobState, Limits, RetryPolicy,
+};
+use faultline_ports::{EnqueueOutcome, HeartbeatOutcome};
 use poem_openapi::registry::{MetaSchema, MetaSchemaRef};
 use poem_openapi::types::{ParseError, ParseFromJSON, ParseResult, ToJSON, Type};
 use poem_openapi::{Enum, Object};
@@ -31,6 +33,7 @@ const _: () = {
     assert!(Limits::MAX_ATTEMPTS == 1000);
     assert!(faultline_ports::MAX_CLAIM_LIMIT >= 1000);
     assert!(faultline_ports::MAX_PAGE_SIZE == 1000);
+    assert!(AttemptError::HISTORY == 20);
 };
 
 /// Seconds (as given in the API) to whole milliseconds, rounded to the nearest one.
@@ -423,8 +426,11 @@ pub(crate) struct JobView {
     pub(crate) backoff: BackoffDto,
     /// Its execution timeout in seconds.
     pub(crate) timeout_seconds: Option<f64>,
-    /// The error of the latest failed attempt (kept through retries).
+    /// The error of the latest failed attempt (kept through retries). The same text as the last
+    /// entry of `errors`; kept for compatibility.
     pub(crate) last_error: Option<String>,
+    /// The failed attempts, oldest first: the newest 20 are kept (through retries too).
+    pub(crate) errors: Vec<AttemptErrorView>,
     /// What the handler returned (only on `succeeded` jobs).
     pub(crate) result: Option<Value>,
     /// When it was enqueued.
@@ -455,10 +461,72 @@ impl From<Job> for JobView {
             backoff: job.retry_policy.into(),
             timeout_seconds: job.timeout_ms.map(ms_to_seconds),
             last_error: job.last_error,
+            errors: job.errors.into_iter().map(AttemptErrorView::from).collect(),
             result: job.result,
             created_at: job.created_at,
             started_at: job.started_at,
             finished_at: job.finished_at,
+        }
+    }
+}
+
+/// Why an attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename = "FailureKind", rename_all = "snake_case")]
+pub(crate) enum FailureKindDto {
+    /// The handler reported an error (over HTTP: `POST /v1/jobs/{id}/fail`).
+    Error,
+    /// The handler ran longer than its timeout and was stopped.
+    Timeout,
+    /// The handler panicked.
+    Panic,
+    /// The worker could not run the job (no handler for its kind, a result it could not store,
+    /// ...).
+    Worker,
+    /// The lease ended before its holder reported (worker dead, paused or cut off); the store
+    /// ended the attempt.
+    LeaseExpired,
+}
+
+impl From<FailureKind> for FailureKindDto {
+    fn from(kind: FailureKind) -> Self {
+        match kind {
+            FailureKind::Error => FailureKindDto::Error,
+            FailureKind::Timeout => FailureKindDto::Timeout,
+            FailureKind::Panic => FailureKindDto::Panic,
+            FailureKind::Worker => FailureKindDto::Worker,
+            FailureKind::LeaseExpired => FailureKindDto::LeaseExpired,
+        }
+    }
+}
+
+/// One failed attempt of a job.
+#[derive(Debug, Clone, Object)]
+#[oai(rename = "AttemptError", skip_serializing_if_is_none)]
+pub(crate) struct AttemptErrorView {
+    /// Which attempt it was (1 for the first; counting restarts after a retry of the job).
+    pub(crate) attempt: i32,
+    /// When the attempt ended, by the database's clock.
+    pub(crate) at: DateTime<Utc>,
+    /// The worker that held the attempt's lease.
+    pub(crate) worker: Option<String>,
+    /// The fencing token of the attempt's lease.
+    pub(crate) fencing_token: i64,
+    /// What went wrong.
+    pub(crate) error: String,
+    /// Why it went wrong.
+    pub(crate) kind: FailureKindDto,
+}
+
+impl From<AttemptError> for AttemptErrorView {
+    fn from(entry: AttemptError) -> Self {
+        AttemptErrorView {
+            attempt: entry.attempt,
+            at: entry.at,
+            worker: entry.worker,
+            fencing_token: entry.fencing_token,
+            error: entry.error,
+            kind: entry.kind.into(),
         }
     }
 }
@@ -471,66 +539,6 @@ pub(crate) struct JobPage {
     pub(crate) jobs: Vec<JobView>,
     /// Pass as `cursor` to get the next page; absent on the last page.
     pub(crate) next_cursor: Option<i64>,
-}
-
-/// Jobs per state.
-#[derive(Debug, Clone, Object)]
-#[oai(rename = "StateCounts")]
-pub(crate) struct StateCounts {
-    /// Jobs waiting (due or not).
-    pub(crate) queued: i64,
-    /// Jobs leased to a worker.
-    pub(crate) running: i64,
-    /// Jobs completed (until pruned).
-    pub(crate) succeeded: i64,
-    /// Jobs failed for good (until retried or pruned).
-    pub(crate) failed: i64,
-    /// Jobs cancelled (until retried or pruned).
-    pub(crate) cancelled: i64,
-}
-
-/// One queue's counts.
-#[derive(Debug, Clone, Object)]
-#[oai(rename = "QueueSummary", skip_serializing_if_is_none)]
-pub(crate) struct QueueSummary {
-    /// The queue.
-    pub(crate) queue: String,
-    /// Jobs per state.
-    pub(crate) counts: StateCounts,
-    /// `next_run_at` of the oldest due queued job; absent when none is due.
-    pub(crate) oldest_ready_at: Option<DateTime<Utc>>,
-    /// How long, in seconds, the oldest due job has been waiting (now minus `oldest_ready_at`,
-    /// now being the API server's clock; never negative); absent when none is due.
-    pub(crate) oldest_ready_age_seconds: Option<f64>,
-}
-
-impl QueueSummary {
-    pub(crate) fn new(stats: QueueStats, now: DateTime<Utc>) -> Self {
-        let age = stats.oldest_ready_at.map(|at| {
-            let ms = (now - at).num_milliseconds().max(0);
-            ms_to_seconds(ms)
-        });
-        QueueSummary {
-            counts: StateCounts {
-                queued: stats.count(JobState::Queued),
-                running: stats.count(JobState::Running),
-                succeeded: stats.count(JobState::Succeeded),
-                failed: stats.count(JobState::Failed),
-                cancelled: stats.count(JobState::Cancelled),
-            },
-            queue: stats.queue,
-            oldest_ready_at: stats.oldest_ready_at,
-            oldest_ready_age_seconds: age,
-        }
-    }
-}
-
-/// Every queue that has a job, sorted by name.
-#[derive(Debug, Clone, Object)]
-#[oai(rename = "QueueList")]
-pub(crate) struct QueueList {
-    /// The queues.
-    pub(crate) queues: Vec<QueueSummary>,
 }
 
 fn default_limit() -> u32 {

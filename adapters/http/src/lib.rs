@@ -13,7 +13,8 @@
 //!
 //! Routes: `GET /health`, `GET /openapi.json`, `GET /docs` (Swagger UI), `GET /metrics` (when
 //! [`ApiConfig::metrics`] is set; else 404; never needs a token), and under `/v1` the jobs,
-//! queues and worker operations (see `docs/openapi.json`).
+//! queues (statistics, pause and resume), worker protocol and process list operations (see
+//! `docs/openapi.json`).
 //!
 //! Metrics (through the `metrics` facade; names in `faultline_ports::telemetry`): every request
 //! by method, route template (`/v1/jobs/{id}`, `unmatched` for unknown paths) and status, with
@@ -30,6 +31,7 @@ mod api;
 mod auth;
 mod config;
 mod dto;
+mod fleet;
 mod front;
 mod health;
 mod problem;
@@ -54,7 +56,7 @@ pub use health::{HealthCheck, StoreHealth};
 pub use problem::PROBLEM_CONTENT_TYPE;
 pub use problem::types as problem_types;
 
-use crate::api::{Ctx, HealthApi, JobsApi, QueuesApi, WorkersApi};
+use crate::api::{Ctx, HealthApi, JobsApi, ProcessesApi, QueuesApi, WorkersApi};
 use crate::front::{Front, FrontConfig};
 use crate::telemetry::RouteTable;
 
@@ -66,14 +68,15 @@ pub const API_TITLE: &str = "Faultline";
 /// The OpenAPI document's version: the crate's.
 pub const API_VERSION: &str = env!("CARGO_PKG_VERSION");
 
-type Apis = (HealthApi, JobsApi, QueuesApi, WorkersApi);
+type Apis = (HealthApi, JobsApi, QueuesApi, WorkersApi, ProcessesApi);
 
 fn service(ctx: Arc<Ctx>) -> OpenApiService<Apis, ()> {
     let apis = (
         HealthApi(ctx.clone()),
         JobsApi(ctx.clone()),
         QueuesApi(ctx.clone()),
-        WorkersApi(ctx),
+        WorkersApi(ctx.clone()),
+        ProcessesApi(ctx),
     );
     OpenApiService::new(apis, API_TITLE, API_VERSION).description(include_str!("description.md"))
 }
@@ -215,7 +218,7 @@ mod tests {
         let paths = doc["paths"].as_object().unwrap();
         assert!(paths.len() >= 10, "{}", paths.len());
         for template in paths.keys() {
-            let concrete = template.replace("{id}", "7");
+            let concrete = template.replace("{id}", "7").replace("{name}", "emails");
             assert!(!concrete.contains('{'), "{template}");
             assert_eq!(table.template(&concrete), template);
         }

@@ -364,6 +364,31 @@ problem_responses! {
 }
 
 problem_responses! {
+    /// Errors of `POST /v1/queues/{name}/pause` and `POST /v1/queues/{name}/resume`.
+    QueueActionError {
+        /// The name is empty, longer than 128 characters or not UTF-8 once percent-decoded.
+        BadRequest = 400;
+        /// Missing or wrong bearer token (only when the server is configured with tokens).
+        Unauthorized = 401, header(name = "WWW-Authenticate", ty = "String");
+        /// The name is refused (it contains control characters).
+        Invalid = 422;
+        /// The database is unavailable or did not answer in time (the change may or may not have
+        /// been applied); retry after `Retry-After` seconds: both operations are idempotent.
+        Unavailable = 503, header(name = "Retry-After", ty = "u64");
+    }
+}
+
+problem_responses! {
+    /// Errors of `GET /v1/workers`.
+    ProcessListError {
+        /// Missing or wrong bearer token (only when the server is configured with tokens).
+        Unauthorized = 401, header(name = "WWW-Authenticate", ty = "String");
+        /// The database is unavailable or did not answer in time; retry after `Retry-After` seconds.
+        Unavailable = 503, header(name = "Retry-After", ty = "u64");
+    }
+}
+
+problem_responses! {
     /// Errors of `POST /v1/jobs/{id}/cancel` and `POST /v1/jobs/{id}/retry`.
     ActionError {
         /// The id is not an integer.

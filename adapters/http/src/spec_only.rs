@@ -29,6 +29,9 @@ impl JobStore for SpecOnlyStore {
     async fn job_claim(&self, _: &ClaimParams) -> StoreResult<Vec<Job>> {
         absent()
     }
+    async fn job_release_claim(&self, _: i64) -> StoreResult<u64> {
+        absent()
+    }
     async fn job_heartbeat_many(
         &self,
         _: &[LeaseRef],

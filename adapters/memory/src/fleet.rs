@@ -93,10 +93,9 @@ impl Fleet {
                 elected_at: now,
                 expires_at,
             },
-            Some(held) if held.leader_id == params.candidate && held.expires_at > now => Leader {
-                expires_at,
-                ..held
-            },
+            Some(held) if held.leader_id == params.candidate && held.expires_at > now => {
+                Leader { expires_at, ..held }
+            }
             Some(held) if held.expires_at <= now => Leader {
                 leader_id: params.candidate.clone(),
                 term: held.term + 1,
@@ -112,7 +111,9 @@ impl Fleet {
 
     pub(crate) fn leader_resign(&mut self, leader_id: &str, term: i64, now: DateTime<Utc>) -> bool {
         match &mut self.leader {
-            Some(held) if held.leader_id == leader_id && held.term == term && held.expires_at > now => {
+            Some(held)
+                if held.leader_id == leader_id && held.term == term && held.expires_at > now =>
+            {
                 held.expires_at = now;
                 true
             }

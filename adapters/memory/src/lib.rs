@@ -128,6 +128,15 @@ impl JobStore for MemoryStore {
         self.state().claim(params, now)
     }
 
+    async fn job_release_claim(&self, claim_id: i64) -> StoreResult<u64> {
+        let now = self.now();
+        let (released, due) = self.state().release_claim(claim_id, now);
+        if due {
+            self.notify_enqueue();
+        }
+        Ok(released)
+    }
+
     async fn job_heartbeat_many(
         &self,
         leases: &[LeaseRef],
@@ -283,6 +292,7 @@ mod tests {
             limit,
             lease_ms: 30_000,
             worker_id: "w1".to_owned(),
+            claim_id: None,
         }
     }
 

@@ -25,6 +25,8 @@ type ReadyKey = (i16, DateTime<Utc>, i64);
 struct Stored {
     job: Job,
     fingerprint: Option<Vec<u8>>,
+    /// The claim call that leased the job last (`ClaimParams::claim_id`).
+    claim_id: Option<i64>,
 }
 
 /// Secondary indexes, kept in step with every job change (the Postgres adapter's partial indexes).
@@ -204,7 +206,14 @@ impl State {
         }
         self.index.insert(&job);
         self.fleet.touch_queue(&job.queue, now);
-        self.jobs.insert(id, Stored { job, fingerprint });
+        self.jobs.insert(
+            id,
+            Stored {
+                job,
+                fingerprint,
+                claim_id: None,
+            },
+        );
         Resolved::Created { id, due }
     }
 
@@ -324,8 +333,33 @@ impl State {
                 Some(Err(err)) => return Err(internal(id, err)),
                 None => return Err(internal(id, "indexed but missing")),
             }
+            if let Some(stored) = self.jobs.get_mut(&id) {
+                stored.claim_id = params.claim_id;
+            }
         }
         Ok(claimed)
+    }
+
+    /// Gives back the running jobs that claim call `claim_id` leased (a snooze of 0 ms each);
+    /// returns how many, and whether one of them is due now.
+    pub(crate) fn release_claim(&mut self, claim_id: i64, now: DateTime<Utc>) -> (u64, bool) {
+        let leases: Vec<LeaseRef> = self
+            .index
+            .leases
+            .iter()
+            .filter_map(|&(_, id)| self.jobs.get(&id))
+            .filter(|stored| stored.claim_id == Some(claim_id))
+            .map(|stored| LeaseRef::of(&stored.job))
+            .collect();
+        let mut released = 0;
+        let mut due = false;
+        for lease in leases {
+            if let Ok(job) = self.snooze(lease, 0, now) {
+                released += 1;
+                due |= job.state == JobState::Queued;
+            }
+        }
+        (released, due)
     }
 
     pub(crate) fn heartbeat_many(
@@ -708,6 +742,7 @@ mod tests {
                         limit: 1 + pick(&mut rng, 3) as u32,
                         lease_ms: 1_000 + pick(&mut rng, 2_000),
                         worker_id: "w".into(),
+                        claim_id: None,
                     };
                     let claimed = state.claim(&params, now).unwrap();
                     for pair in claimed.windows(2) {

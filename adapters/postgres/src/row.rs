@@ -4,9 +4,9 @@
 use chrono::{DateTime, Utc};
 use faultline_domain::{AttemptError, Job, JobState, RetryPolicy};
 use faultline_ports::{Leadership, ProcessInfo, ProcessSpec, QueueInfo, QueueSlots};
-use sqlx::types::Json;
 use sqlx::Row;
 use sqlx::postgres::PgRow;
+use sqlx::types::Json;
 
 /// Reads a job from a row holding the columns of `job_columns!` (by name, so extra columns
 /// such as `payload_hash` are ignored).

@@ -169,7 +169,7 @@ from faultline_jobs
 where idempotency_key = any($1::text[])";
 
 /// The update half of both claims: leases the `picked` jobs (1 queue(s), 2 kinds, 3 limit,
-/// 4 worker, 5 lease_ms, 6 clock). The picked ids arrive as an array (`id = any(array(...))`), so
+/// 4 worker, 5 lease_ms, 6 clock, 7 claim id). The picked ids arrive as an array (`id = any(array(...))`), so
 /// the update looks each one up by primary key: joining the `picked` CTE instead lets the generic
 /// plan (with `limit $3` unknown, and `plan_cache_mode = force_generic_plan`, as the binary sets
 /// it) hash-join it against a sequential scan of the whole table, history included, on every
@@ -183,7 +183,8 @@ set state = 'running',
     fencing_token = j.fencing_token + 1,
     lease_owner = $4::text,
     lease_expires_at = c.now + $5::int8 * interval '1 millisecond',
-    started_at = c.now
+    started_at = c.now,
+    claim_id = $7::int8
 from clock c
 where j.id = any(array(select id from picked))
 returning "
@@ -245,6 +246,33 @@ picked as (
     claim_update!(),
     job_columns!("j.")
 );
+
+/// Gives back the jobs a claim call leased (as a snooze of 0 ms: attempt returned, due now, or
+/// cancelled when a cancel was requested) and notifies their queues: 1 claim id, 2 clock. Reads
+/// the running jobs through the rescue index.
+pub const RELEASE_CLAIM: &str = "with clock as materialized (
+    select coalesce($2::timestamptz, now()) as now
+),
+held as materialized (
+    select id, fencing_token, 'running'::text as st from faultline_jobs
+    where state = 'running' and claim_id = $1::int8
+),
+released as (
+    update faultline_jobs j
+    set attempts = j.attempts - 1,
+        state = case when j.cancel_requested then 'cancelled' else 'queued' end,
+        finished_at = case when j.cancel_requested then c.now end,
+        next_run_at = case when j.cancel_requested then j.next_run_at else c.now end,
+        lease_expires_at = null
+    from held h, clock c
+    where j.id = h.id and j.state = h.st and j.fencing_token = h.fencing_token
+    returning j.queue, j.state
+),
+notified as (
+    select count(pg_notify('faultline_jobs', d.queue)) as n
+    from (select distinct queue from released where state = 'queued') d
+)
+select count(*) as released from released cross join notified";
 
 /// Extends leases: 1 ids, 2 tokens, 3 extend_ms, 4 clock. The expected state travels with the
 /// array in a materialized CTE so the plan stays a primary-key lookup per item (PERF-NOTES trap 1).
@@ -526,8 +554,17 @@ select ",
 macro_rules! leader_columns {
     ($p:literal) => {
         concat!(
-            $p, "leader_id, ", $p, "term, ", $p, "elected_at, ", $p, "expires_at, ",
-            "(floor(extract(epoch from (", $p, "expires_at - c.now)) * 1000))::int8 as remaining_ms"
+            $p,
+            "leader_id, ",
+            $p,
+            "term, ",
+            $p,
+            "elected_at, ",
+            $p,
+            "expires_at, ",
+            "(floor(extract(epoch from (",
+            $p,
+            "expires_at - c.now)) * 1000))::int8 as remaining_ms"
         )
     };
 }
@@ -625,7 +662,7 @@ where last_seen_at < coalesce($2::timestamptz, now()) - $1::int8 * interval '1 m
 mod tests {
     use super::*;
 
-    const ALL: [&str; 30] = [
+    const ALL: [&str; 31] = [
         ENQUEUE_ONE,
         ENQUEUE_MANY_PLAIN,
         ENQUEUE_MANY_KEYED,
@@ -634,6 +671,7 @@ mod tests {
         CLAIM_ONE_QUEUE,
         CLAIM_MANY_QUEUES,
         HEARTBEAT_MANY,
+        RELEASE_CLAIM,
         COMPLETE_MANY,
         COMPLETE_ONE,
         FAIL_MANY,

@@ -14,8 +14,8 @@ use faultline_ports::{
     QueueBacklog, QueueInfo, QueueStats, StoreError, StoreResult, WriteOutcome,
 };
 use faultline_ports::{
-    validate_extend_ms, validate_process, validate_queue_name, validate_result,
-    validate_snooze_ms, validate_specs,
+    validate_extend_ms, validate_process, validate_queue_name, validate_result, validate_snooze_ms,
+    validate_specs,
 };
 use serde_json::Value;
 use sqlx::{PgConnection, PgPool, Row};
@@ -466,8 +466,16 @@ impl PgStore {
     /// The fenced failure statement for leases listed once each (validated).
     fn fail_many_query(&self, failures: &[(LeaseRef, &Failure)]) -> StoreResult<PgQuery<'static>> {
         let n = failures.len();
-        let (mut ids, mut tokens, mut errors) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        let (mut retryable, mut delays, mut kinds) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut ids, mut tokens, mut errors) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut retryable, mut delays, mut kinds) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
         for (lease, failure) in failures {
             failure.validate()?;
             ids.push(lease.job_id);
@@ -614,6 +622,7 @@ impl JobStore for PgStore {
             .bind(&params.worker_id)
             .bind(params.lease_ms)
             .bind(self.now())
+            .bind(params.claim_id)
             .fetch_all(&self.pool)
             .await
             .map_err(backend)?;
@@ -624,6 +633,16 @@ impl JobStore for PgStore {
             .map_err(backend)?;
         jobs.sort_by_key(|job| (job.priority, job.next_run_at, job.id));
         Ok(jobs)
+    }
+
+    async fn job_release_claim(&self, claim_id: i64) -> StoreResult<u64> {
+        let released: i64 = sqlx::query_scalar(sql::RELEASE_CLAIM)
+            .bind(claim_id)
+            .bind(self.now())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(u64::try_from(released).unwrap_or(0))
     }
 
     async fn job_heartbeat_many(

@@ -1,7 +1,8 @@
-//! `faultline`: the command line of the Faultline job system: `migrate`, `worker`, `api` and
-//! `dev`. Configuration (flags, environment) and telemetry (logging, the metrics exporter) are read and
-//! set up here only.
+//! `faultline`: the command line of the Faultline job system: `migrate`, `worker`, `api`, `dev`,
+//! and the operator commands `queue` and `worker list`. Configuration (flags, environment) and
+//! telemetry (logging, the metrics exporter) are read and set up here only.
 
+mod admin;
 mod api;
 mod database;
 mod dev;
@@ -16,7 +17,7 @@ mod worker;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use faultline_postgres::{AppliedMigration, MIGRATOR};
 use sqlx::postgres::PgPoolOptions;
 
@@ -38,7 +39,8 @@ struct Cli {
 enum Command {
     /// Apply pending schema migrations to the database and print what was applied.
     Migrate(MigrateArgs),
-    /// Run jobs: claim them from the database and run their handlers until SIGTERM/SIGINT.
+    /// Run jobs: claim them from the database and run their handlers until SIGTERM/SIGINT
+    /// (`worker list`: list the registered processes and the maintenance leader).
     Worker(worker::WorkerCommand),
     /// Serve the HTTP API (jobs, queues, the worker protocol, /health, /openapi.json and Swagger
     /// UI at /docs) until SIGTERM/SIGINT.
@@ -46,6 +48,8 @@ enum Command {
     /// The quick start: a database (DATABASE_URL, else a private PostgreSQL), its schema, a
     /// worker with the demo handlers and the HTTP API, in one process. Ctrl-C stops everything.
     Dev(dev::DevCommand),
+    /// List queues (paused or not, jobs per state), or pause or resume one.
+    Queue(admin::QueueCommand),
 }
 
 #[derive(Debug, Args)]
@@ -55,16 +59,25 @@ struct MigrateArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     if let Err(error) = logging::init(&cli.log) {
         eprintln!("faultline: error: {error:#}");
         return ExitCode::FAILURE;
     }
     let result = match cli.command {
         Command::Migrate(args) => run_async(migrate(args)),
+        Command::Worker(worker::WorkerCommand {
+            command: Some(admin::WorkerAction::List(list)),
+            database,
+            ..
+        }) => {
+            let url = list.database_url.unwrap_or(database.database_url);
+            run_async(admin::worker_list(&url))
+        }
         Command::Worker(args) => run_async(worker::run(args)),
         Command::Api(args) => run_async(api::run(args)),
         Command::Dev(args) => run_async(dev::run(args)),
+        Command::Queue(args) => run_async(admin::queue(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -73,6 +86,17 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The command line, as `Cli::parse` reads it, except that `worker list` without a database gets
+/// clap's usual message for a missing option (see `admin::WorkerList`).
+fn parse_cli() -> Cli {
+    let mut command = Cli::command();
+    let matches = command.get_matches_mut();
+    if let Some(error) = admin::missing_database_url(&mut command, &matches) {
+        error.exit();
+    }
+    Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.format(&mut command).exit())
 }
 
 /// Runs one subcommand's future on a multi-threaded runtime.

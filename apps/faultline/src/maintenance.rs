@@ -30,7 +30,12 @@ pub(crate) enum Switch {
 pub(crate) struct MaintenanceArgs {
     /// Whether this process may be elected maintenance leader (the one process per database that
     /// rescues expired leases, prunes finished jobs and removes vanished processes).
-    #[arg(long, env = "FAULTLINE_MAINTENANCE", value_name = "on|off", default_value = "on")]
+    #[arg(
+        long,
+        env = "FAULTLINE_MAINTENANCE",
+        value_name = "on|off",
+        default_value = "on"
+    )]
     pub(crate) maintenance: Switch,
 
     /// Length of the maintenance leadership; a new leader takes over within this plus one
@@ -93,7 +98,11 @@ pub(crate) struct MaintenanceArgs {
 
 impl MaintenanceArgs {
     /// The maintenance configuration of `process` (checked when the service is built).
-    pub(crate) fn config(&self, process: ProcessSpec, store_timeout: Duration) -> MaintenanceConfig {
+    pub(crate) fn config(
+        &self,
+        process: ProcessSpec,
+        store_timeout: Duration,
+    ) -> MaintenanceConfig {
         MaintenanceConfig {
             lead: self.maintenance == Switch::On,
             leader_lease: self.leader_lease,
@@ -118,10 +127,19 @@ impl MaintenanceArgs {
             interval.map_or_else(|| "off".to_owned(), |d| format!("{d:?}"))
         };
         vec![
-            ("maintenance", if config.lead { "on" } else { "off" }.to_owned()),
+            (
+                "maintenance",
+                if config.lead { "on" } else { "off" }.to_owned(),
+            ),
             ("leader_lease", format!("{:?}", config.leader_lease)),
-            ("election_interval", format!("{:?}", config.election_every())),
-            ("process_heartbeat", format!("{:?}", config.process_heartbeat)),
+            (
+                "election_interval",
+                format!("{:?}", config.election_every()),
+            ),
+            (
+                "process_heartbeat",
+                format!("{:?}", config.process_heartbeat),
+            ),
             ("process_expiry", format!("{:?}", config.process_expiry)),
             ("rescue_interval", off(config.rescue_interval)),
             ("rescue_batch_size", config.rescue_batch_size.to_string()),

@@ -54,7 +54,7 @@ fn options_of(subcommand: &str) -> Vec<(String, Option<String>)> {
 }
 
 /// Every environment variable the worker reads: the interface operators configure.
-const WORKER_ENV: [&str; 28] = [
+const WORKER_ENV: [&str; 33] = [
     "DATABASE_URL",
     "FAULTLINE_WORKER_ID",
     "FAULTLINE_QUEUES",
@@ -67,6 +67,11 @@ const WORKER_ENV: [&str; 28] = [
     "FAULTLINE_DB_BACKOFF_MIN",
     "FAULTLINE_DB_BACKOFF_MAX",
     "FAULTLINE_STORE_TIMEOUT",
+    "FAULTLINE_MAINTENANCE",
+    "FAULTLINE_LEADER_LEASE",
+    "FAULTLINE_ELECTION_INTERVAL",
+    "FAULTLINE_PROCESS_HEARTBEAT",
+    "FAULTLINE_PROCESS_EXPIRY",
     "FAULTLINE_RESCUE_INTERVAL",
     "FAULTLINE_RESCUE_BATCH_SIZE",
     "FAULTLINE_PRUNE_INTERVAL",
@@ -86,7 +91,7 @@ const WORKER_ENV: [&str; 28] = [
 ];
 
 /// Every environment variable the API reads.
-const API_ENV: [&str; 14] = [
+const API_ENV: [&str; 26] = [
     "DATABASE_URL",
     "FAULTLINE_LISTEN",
     "FAULTLINE_API_TOKENS",
@@ -97,6 +102,18 @@ const API_ENV: [&str; 14] = [
     "FAULTLINE_LEASE_POLL_INTERVAL",
     "FAULTLINE_API_SHUTDOWN_GRACE",
     "FAULTLINE_API_POOL_SIZE",
+    "FAULTLINE_MAINTENANCE",
+    "FAULTLINE_LEADER_LEASE",
+    "FAULTLINE_ELECTION_INTERVAL",
+    "FAULTLINE_PROCESS_HEARTBEAT",
+    "FAULTLINE_PROCESS_EXPIRY",
+    "FAULTLINE_RESCUE_INTERVAL",
+    "FAULTLINE_RESCUE_BATCH_SIZE",
+    "FAULTLINE_PRUNE_INTERVAL",
+    "FAULTLINE_RETAIN_SUCCEEDED",
+    "FAULTLINE_RETAIN_FAILED",
+    "FAULTLINE_RETAIN_CANCELLED",
+    "FAULTLINE_PRUNE_BATCH_SIZE",
     "FAULTLINE_METRICS_SAMPLE_INTERVAL",
     "FAULTLINE_METRICS_MAX_LABEL_VALUES",
     "FAULTLINE_LOG_FORMAT",
@@ -214,7 +231,8 @@ fn the_defaults_are_the_runtimes() {
     );
     let process = crate::maintenance::process("w".into(), "worker", &[], 0);
     assert_eq!(
-        args.maintenance.config(process.clone(), defaults.store_timeout),
+        args.maintenance
+            .config(process.clone(), defaults.store_timeout),
         MaintenanceConfig::new(process)
     );
     assert!(!args.demo_handlers);

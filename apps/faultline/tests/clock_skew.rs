@@ -114,7 +114,9 @@ async fn a_skewed_worker_loses_nothing(offset: &str) {
         .await
         .expect("list");
     assert!(
-        page.jobs.iter().all(|job| job.attempts == 1 && job.errors.is_empty()),
+        page.jobs
+            .iter()
+            .all(|job| job.attempts == 1 && job.errors.is_empty()),
         "a job ran more than once or failed an attempt with the clock at {offset}"
     );
 }

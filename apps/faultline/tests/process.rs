@@ -468,6 +468,11 @@ async fn print_config_shows_what_the_environment_set() {
         ("FAULTLINE_RETAIN_FAILED", "2d"),
         ("FAULTLINE_RETAIN_CANCELLED", "3d"),
         ("FAULTLINE_PRUNE_BATCH_SIZE", "6"),
+        ("FAULTLINE_MAINTENANCE", "off"),
+        ("FAULTLINE_LEADER_LEASE", "9s"),
+        ("FAULTLINE_ELECTION_INTERVAL", "2s"),
+        ("FAULTLINE_PROCESS_HEARTBEAT", "4s"),
+        ("FAULTLINE_PROCESS_EXPIRY", "40s"),
         ("FAULTLINE_POOL_SIZE", "7"),
         (
             "FAULTLINE_HTTP_ENDPOINTS",
@@ -506,6 +511,11 @@ async fn print_config_shows_what_the_environment_set() {
         ("retain_failed", "172800s"),
         ("retain_cancelled", "259200s"),
         ("prune_batch_size", "6"),
+        ("maintenance", "off"),
+        ("leader_lease", "9s"),
+        ("election_interval", "2s"),
+        ("process_heartbeat", "4s"),
+        ("process_expiry", "40s"),
         ("pool_size", "7"),
         ("demo_handlers", "true"),
         (
@@ -1031,6 +1041,8 @@ async fn api_print_config_shows_what_the_environment_set() {
         ("FAULTLINE_LEASE_POLL_INTERVAL", "500ms"),
         ("FAULTLINE_API_SHUTDOWN_GRACE", "3s"),
         ("FAULTLINE_API_POOL_SIZE", "5"),
+        ("FAULTLINE_LEADER_LEASE", "30s"),
+        ("FAULTLINE_RESCUE_INTERVAL", "2s"),
         ("FAULTLINE_METRICS_SAMPLE_INTERVAL", "off"),
         ("FAULTLINE_METRICS_MAX_LABEL_VALUES", "9"),
     ];
@@ -1055,6 +1067,18 @@ async fn api_print_config_shows_what_the_environment_set() {
         ("api_pool_size", "5"),
         ("metrics_sample_interval", "off"),
         ("metrics_max_label_values", "9"),
+        ("maintenance", "on"),
+        ("leader_lease", "30s"),
+        ("election_interval", "10s"),
+        ("process_heartbeat", "10s"),
+        ("process_expiry", "60s"),
+        ("rescue_interval", "2s"),
+        ("rescue_batch_size", "1000"),
+        ("prune_interval", "60s"),
+        ("retain_succeeded", "86400s"),
+        ("retain_failed", "604800s"),
+        ("retain_cancelled", "604800s"),
+        ("prune_batch_size", "1000"),
     ]
     .into_iter()
     .collect();

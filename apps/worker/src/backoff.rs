@@ -62,8 +62,12 @@ impl Backoff {
 /// A random number in `[0, 1)` from the standard library's randomly keyed hasher (no rand crate
 /// needed for jitter).
 fn random_unit() -> f64 {
-    let bits = RandomState::new().build_hasher().finish();
-    (bits >> 11) as f64 / (1_u64 << 53) as f64
+    (random_u64() >> 11) as f64 / (1_u64 << 53) as f64
+}
+
+/// 64 random bits from the standard library's randomly keyed hasher.
+pub(crate) fn random_u64() -> u64 {
+    RandomState::new().build_hasher().finish()
 }
 
 #[cfg(test)]

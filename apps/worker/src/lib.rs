@@ -49,6 +49,7 @@
 mod backoff;
 mod config;
 mod handler;
+mod lost;
 mod maintenance;
 mod run;
 mod stats;

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use faultline_ports::JobStore;
 
 use crate::backoff::Backoff;
+use crate::lost::RELEASE_EVERY;
 use crate::worker::{ShutdownReport, Worker};
 
 /// When the loop ends.
@@ -64,6 +65,7 @@ impl<S: JobStore> Worker<S> {
         let start = Instant::now();
         let mut next_heartbeat = start + heartbeat_every;
         let mut next_poll = start;
+        let mut next_release = start;
         // Claim at once on start, and again whenever the last claim filled every free slot (more
         // jobs are probably waiting) or a wake-up arrived.
         let mut claim_wanted = claiming;
@@ -96,6 +98,12 @@ impl<S: JobStore> Worker<S> {
                         }
                     }
                 }
+            }
+
+            // Give back what claims whose answer was lost may have leased, before claiming more.
+            if !self.lost_claims.is_empty() && Instant::now() >= next_release {
+                self.release_lost_claims().await;
+                next_release = Instant::now() + RELEASE_EVERY;
             }
 
             // Claim (up to the free slots plus the buffer's room) and write outcomes, at once.
@@ -154,6 +162,9 @@ impl<S: JobStore> Worker<S> {
             }
             if self.pending_writes() > 0 {
                 wake_at = wake_at.min(write_backoff.ready_at().unwrap_or(now));
+            }
+            if !self.lost_claims.is_empty() {
+                wake_at = wake_at.min(next_release);
             }
             if let Until::Drained(deadline) = until {
                 wake_at = wake_at.min(deadline);

@@ -82,6 +82,8 @@ counters! {
     writes_dropped,
     /// Failed store calls (connection errors, timeouts, unexpected refusals).
     db_errors,
+    /// Jobs leased by claim calls whose answer was lost, given back with their attempt.
+    claims_given_back,
 }
 
 /// A reading of a worker's counters and gauges.

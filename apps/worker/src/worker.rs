@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::{ConfigError, WorkerConfig, millis};
+use crate::lost::{LostClaim, new_claim_id};
 use crate::stats::{Counter, Counters, WorkerStats};
 use crate::telemetry::{self, JobLabels};
 use crate::{JobContext, Outcome, Registry};
@@ -164,6 +165,8 @@ pub struct Worker<S: JobStore> {
     others: VecDeque<(LeaseRef, Write)>,
     /// Claimed jobs waiting for a free slot, oldest first (each also has its entry in `held`).
     buffered: VecDeque<Job>,
+    /// Claim calls whose answer was lost: their jobs are given back (see `lost.rs`).
+    pub(crate) lost_claims: Vec<LostClaim>,
     /// Moving average of handler run times in seconds: sizes the buffer (see
     /// [`Worker::claim_room`]).
     run_time_avg: Option<f64>,
@@ -225,6 +228,7 @@ impl<S: JobStore> Worker<S> {
             completions: Vec::new(),
             others: VecDeque::new(),
             buffered: VecDeque::new(),
+            lost_claims: Vec::new(),
             run_time_avg: None,
             draining: false,
             labels: LabelGuard::default(),
@@ -317,7 +321,7 @@ impl<S: JobStore> Worker<S> {
     }
 
     /// Runs a store call with the configured timeout; a timeout is a backend error.
-    async fn call<T>(
+    pub(crate) async fn call<T>(
         &self,
         what: &str,
         fut: impl Future<Output = StoreResult<T>>,
@@ -348,7 +352,10 @@ impl<S: JobStore> Worker<S> {
         }
         let params = self.claim_params(free);
         let sent = tokio::time::Instant::now();
-        let jobs = self.call("claim", self.store.job_claim(&params)).await?;
+        let jobs = self
+            .call("claim", self.store.job_claim(&params))
+            .await
+            .inspect_err(|_| self.claim_lost(params.claim_id, sent))?;
         Ok(self.apply_claim(jobs, sent))
     }
 
@@ -359,6 +366,7 @@ impl<S: JobStore> Worker<S> {
             limit: u32::try_from(limit.min(MAX_CLAIM_LIMIT as usize)).unwrap_or(MAX_CLAIM_LIMIT),
             lease_ms: self.config.lease_ms(),
             worker_id: self.config.worker_id.clone(),
+            claim_id: Some(new_claim_id()),
         }
     }
 
@@ -510,6 +518,7 @@ impl<S: JobStore> Worker<S> {
         let mut first_claim = true;
         let mut asked = 0;
         let mut claim_sent = tokio::time::Instant::now();
+        let mut claim_id = None;
         let mut claimed: Option<StoreResult<(usize, bool)>> = None;
         let mut written = true;
         loop {
@@ -521,6 +530,7 @@ impl<S: JobStore> Worker<S> {
                     let store = store.clone();
                     asked = room;
                     claim_sent = tokio::time::Instant::now();
+                    claim_id = params.claim_id;
                     claiming = Some(Box::pin(async move {
                         timed(limit, "claim", store.job_claim(&params)).await
                     }));
@@ -556,6 +566,7 @@ impl<S: JobStore> Worker<S> {
                             claim_more = full;
                         }
                         Err(err) => {
+                            self.claim_lost(claim_id, claim_sent);
                             claimed = Some(Err(err));
                             claim_more = false;
                         }
@@ -815,6 +826,9 @@ impl<S: JobStore> Worker<S> {
     /// worker's clock (the rescuer retries those jobs).
     pub async fn flush(&mut self) -> StepReport {
         let before = self.stats.counters();
+        if !self.lost_claims.is_empty() {
+            self.release_lost_claims().await;
+        }
         self.write_pending().await;
         self.report(0, &before)
     }
@@ -1231,7 +1245,11 @@ impl<S: JobStore> Worker<S> {
     }
 
     /// Writes what is pending, retrying with backoff for at most `db_backoff_max`; drops the rest.
+    /// Gives back the jobs of lost claims once more.
     async fn final_flush(&mut self) {
+        if !self.lost_claims.is_empty() {
+            self.release_lost_claims().await;
+        }
         let give_up_at = tokio::time::Instant::now() + self.config.db_backoff_max;
         let mut backoff =
             crate::backoff::Backoff::new(self.config.db_backoff_min, self.config.db_backoff_max);

@@ -2,7 +2,9 @@
 //! history, the maintenance leadership and the process registry.
 
 use faultline_domain::{AttemptError, Event, FailureKind, JobSpec, JobState};
-use faultline_ports::{ElectParams, Failure, LeaseRef, ProcessSpec, QueueSlots, WriteOutcome};
+use faultline_ports::{
+    ClaimParams, ElectParams, Failure, LeaseRef, ProcessSpec, QueueSlots, WriteOutcome,
+};
 use serde_json::json;
 
 use super::{
@@ -46,7 +48,10 @@ pub async fn pause_stops_claims_of_a_queue_until_it_is_resumed(f: Fixture) {
     // The running job of the paused queue still heartbeats and completes.
     let lease = LeaseRef::of(&running);
     let beats = f.store.job_heartbeat_many(&[lease], LEASE_MS).await;
-    assert!(matches!(beats.as_deref(), Ok([faultline_ports::HeartbeatOutcome::Extended { .. }])));
+    assert!(matches!(
+        beats.as_deref(),
+        Ok([faultline_ports::HeartbeatOutcome::Extended { .. }])
+    ));
     f.store.job_complete(lease, None).await.expect("complete");
 
     // Pausing again changes nothing.
@@ -63,7 +68,10 @@ pub async fn pause_stops_claims_of_a_queue_until_it_is_resumed(f: Fixture) {
         ids(&f.claim(&params(&["a"], 10, LEASE_MS)).await),
         [a2.id, a3.id]
     );
-    assert_eq!(f.store.queue_resume("a").await.expect("resume again"), resumed);
+    assert_eq!(
+        f.store.queue_resume("a").await.expect("resume again"),
+        resumed
+    );
 
     // A queue can be paused before it has any job; names are checked.
     let early = f.store.queue_pause("later").await.expect("pause unknown");
@@ -71,9 +79,15 @@ pub async fn pause_stops_claims_of_a_queue_until_it_is_resumed(f: Fixture) {
     let later = f.enqueue(&spec("later")).await;
     assert!(f.claim(&params(&["later"], 10, LEASE_MS)).await.is_empty());
     f.store.queue_resume("later").await.expect("resume");
-    assert_eq!(ids(&f.claim(&params(&["later"], 10, LEASE_MS)).await), [later.id]);
+    assert_eq!(
+        ids(&f.claim(&params(&["later"], 10, LEASE_MS)).await),
+        [later.id]
+    );
     expect_invalid(f.store.queue_pause("").await, "an empty queue name");
-    expect_invalid(f.store.queue_resume("a\nb").await, "a queue name with a newline");
+    expect_invalid(
+        f.store.queue_resume("a\nb").await,
+        "a queue name with a newline",
+    );
     let names: Vec<String> = f
         .store
         .queue_list()
@@ -237,7 +251,12 @@ pub async fn failed_attempts_are_kept_in_a_bounded_history(f: Fixture) {
         }
         let last = expected.errors.last().expect("an entry");
         assert_eq!(
-            (last.attempt, last.fencing_token, last.at, last.worker.as_deref()),
+            (
+                last.attempt,
+                last.fencing_token,
+                last.at,
+                last.worker.as_deref()
+            ),
             (claimed.attempts, claimed.fencing_token, f.now(), Some("w1")),
             "entry of round {round}"
         );
@@ -286,22 +305,45 @@ pub async fn leadership_has_one_holder_per_term(f: Fixture) {
     f.advance(4_000);
     let seen_by_b = f.store.leader_elect(&elect("b", 10_000)).await.expect("b");
     assert_eq!((seen_by_b.leader_id.as_str(), seen_by_b.term), ("a", 1));
-    assert_eq!(seen_by_b.remaining_ms, 6_000, "b is told how long a still leads");
+    assert_eq!(
+        seen_by_b.remaining_ms, 6_000,
+        "b is told how long a still leads"
+    );
 
-    let renewed = f.store.leader_elect(&elect("a", 10_000)).await.expect("renew");
+    let renewed = f
+        .store
+        .leader_elect(&elect("a", 10_000))
+        .await
+        .expect("renew");
     assert_eq!((renewed.leader_id.as_str(), renewed.term), ("a", 1));
     assert_eq!((renewed.elected_at, renewed.remaining_ms), (t0, 10_000));
 
     // a stops renewing: at the end of its lease b takes over with a new term.
     f.advance(9_999);
-    let early = f.store.leader_elect(&elect("b", 10_000)).await.expect("b early");
+    let early = f
+        .store
+        .leader_elect(&elect("b", 10_000))
+        .await
+        .expect("b early");
     assert_eq!((early.leader_id.as_str(), early.remaining_ms), ("a", 1));
     f.advance(1);
-    let b = f.store.leader_elect(&elect("b", 5_000)).await.expect("b wins");
+    let b = f
+        .store
+        .leader_elect(&elect("b", 5_000))
+        .await
+        .expect("b wins");
     assert_eq!((b.leader_id.as_str(), b.term), ("b", 2));
     assert_eq!((b.elected_at, b.remaining_ms), (f.now(), 5_000));
-    let late = f.store.leader_elect(&elect("a", 10_000)).await.expect("a late");
-    assert_eq!((late.leader_id.as_str(), late.term), ("b", 2), "a cannot renew a lost term");
+    let late = f
+        .store
+        .leader_elect(&elect("a", 10_000))
+        .await
+        .expect("a late");
+    assert_eq!(
+        (late.leader_id.as_str(), late.term),
+        ("b", 2),
+        "a cannot renew a lost term"
+    );
 
     // Only the holder of the term can resign it.
     assert!(!f.store.leader_resign("a", 1).await.expect("a resigns"));
@@ -314,10 +356,17 @@ pub async fn leadership_has_one_holder_per_term(f: Fixture) {
     assert_eq!((c.leader_id.as_str(), c.term), ("c", 3));
     // A leader whose own lease lapsed takes it again only with a new term.
     f.advance(10_000);
-    let again = f.store.leader_elect(&elect("c", 10_000)).await.expect("c again");
+    let again = f
+        .store
+        .leader_elect(&elect("c", 10_000))
+        .await
+        .expect("c again");
     assert_eq!((again.leader_id.as_str(), again.term), ("c", 4));
 
-    expect_invalid(f.store.leader_elect(&elect("", 1_000)).await, "an empty candidate");
+    expect_invalid(
+        f.store.leader_elect(&elect("", 1_000)).await,
+        "an empty candidate",
+    );
     expect_invalid(f.store.leader_elect(&elect("d", 0)).await, "a zero lease");
 }
 
@@ -371,7 +420,11 @@ fn process(id: &str, pid: i32) -> ProcessSpec {
 /// whether there was an entry.
 pub async fn processes_register_refresh_and_expire(f: Fixture) {
     let t0 = f.now();
-    let p1 = f.store.process_register(&process("p1", 10)).await.expect("p1");
+    let p1 = f
+        .store
+        .process_register(&process("p1", 10))
+        .await
+        .expect("p1");
     assert_eq!((p1.started_at, p1.last_seen_at), (t0, t0));
     assert_eq!(p1.spec, process("p1", 10));
     f.advance(2_000);
@@ -382,8 +435,15 @@ pub async fn processes_register_refresh_and_expire(f: Fixture) {
     };
     f.store.process_register(&api).await.expect("api");
     f.advance(2_000);
-    let refreshed = f.store.process_register(&process("p1", 10)).await.expect("refresh");
-    assert_eq!((refreshed.started_at, refreshed.last_seen_at), (t0, f.now()));
+    let refreshed = f
+        .store
+        .process_register(&process("p1", 10))
+        .await
+        .expect("refresh");
+    assert_eq!(
+        (refreshed.started_at, refreshed.last_seen_at),
+        (t0, f.now())
+    );
     let listed = f.store.process_list().await.expect("list");
     let names: Vec<&str> = listed.iter().map(|p| p.spec.id.as_str()).collect();
     assert_eq!(names, ["p0-api", "p1"]);
@@ -391,7 +451,11 @@ pub async fn processes_register_refresh_and_expire(f: Fixture) {
 
     // Same id, another pid: a new process.
     f.advance(1_000);
-    let restarted = f.store.process_register(&process("p1", 99)).await.expect("restart");
+    let restarted = f
+        .store
+        .process_register(&process("p1", 99))
+        .await
+        .expect("restart");
     assert_eq!(restarted.started_at, f.now());
 
     // p0-api was last seen 3 s ago, p1 just now.
@@ -410,7 +474,83 @@ pub async fn processes_register_refresh_and_expire(f: Fixture) {
     assert!(!f.store.process_remove("p1").await.expect("remove again"));
     assert!(f.store.process_list().await.expect("list").is_empty());
 
-    expect_invalid(f.store.process_register(&process("", 1)).await, "an empty id");
+    expect_invalid(
+        f.store.process_register(&process("", 1)).await,
+        "an empty id",
+    );
     let negative = process("p2", -1);
     expect_invalid(f.store.process_register(&negative).await, "a negative pid");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lost claims
+// ---------------------------------------------------------------------------------------------
+
+/// A claim whose answer was lost is given back by its claim id: every job it leased and that is
+/// still running under that lease returns queued, due now, its attempt returned (as a snooze of
+/// 0 ms), or `cancelled` when a cancel was requested; other claims' jobs are untouched; the old
+/// leases are stale; releasing again changes nothing.
+pub async fn a_lost_claim_is_given_back_by_its_claim_id(f: Fixture) {
+    for _ in 0..4 {
+        f.enqueue(&spec("lost")).await;
+    }
+    let lost = f
+        .claim(&ClaimParams {
+            claim_id: Some(42),
+            ..params(&["lost"], 3, LEASE_MS)
+        })
+        .await;
+    let kept = f
+        .claim(&ClaimParams {
+            claim_id: Some(7),
+            ..params(&["lost"], 1, LEASE_MS)
+        })
+        .await;
+    assert_eq!((lost.len(), kept.len()), (3, 1));
+    // One of the lost claim's jobs is cancelled meanwhile, one already completed.
+    f.store.job_cancel(lost[1].id).await.expect("cancel");
+    let lost_1 = f.get(lost[1].id).await;
+    f.store
+        .job_complete(LeaseRef::of(&lost[2]), None)
+        .await
+        .expect("complete");
+    let done = f.get(lost[2].id).await;
+    f.advance(500);
+    assert_eq!(f.store.job_release_claim(42).await.expect("release"), 2);
+    let snooze = |job: &faultline_domain::Job| {
+        applied(
+            job,
+            Event::Snooze {
+                token: job.fencing_token,
+                now: f.now(),
+                delay_ms: 0,
+            },
+        )
+    };
+    assert_eq!(f.get(lost[0].id).await, snooze(&lost[0]));
+    assert_eq!(
+        f.get(lost[0].id).await.attempts,
+        0,
+        "the attempt is given back"
+    );
+    assert_eq!(f.get(lost[1].id).await, snooze(&lost_1));
+    assert_eq!(f.get(lost[1].id).await.state, JobState::Cancelled);
+    assert_eq!(
+        f.get(lost[2].id).await,
+        done,
+        "a finished job is not touched"
+    );
+    assert_eq!(
+        f.get(kept[0].id).await,
+        kept[0],
+        "another claim's job is not touched"
+    );
+    super::expect_every_write_stale(&f, LeaseRef::of(&lost[0])).await;
+    assert_eq!(f.store.job_release_claim(42).await.expect("again"), 0);
+    assert_eq!(f.store.job_release_claim(99).await.expect("unknown"), 0);
+    // The given-back job is claimable at once.
+    assert_eq!(
+        ids(&f.claim(&params(&["lost"], 10, LEASE_MS)).await),
+        [lost[0].id]
+    );
 }

@@ -10,8 +10,8 @@ use faultline_memory::MemoryStore;
 use faultline_ports::domain::{Job, JobSpec};
 use faultline_ports::{
     ClaimParams, ElectParams, EnqueueOutcome, Enqueued, Failure, HeartbeatOutcome, JobPage,
-    JobStore, Leadership, LeaseRef, ListParams, ManualClock, ProcessInfo, ProcessSpec,
-    PruneParams, QueueBacklog, QueueInfo, QueueStats, StoreError, StoreResult, WriteOutcome,
+    JobStore, Leadership, LeaseRef, ListParams, ManualClock, ProcessInfo, ProcessSpec, PruneParams,
+    QueueBacklog, QueueInfo, QueueStats, StoreError, StoreResult, WriteOutcome,
 };
 use poem::endpoint::BoxEndpoint;
 use poem::http::{HeaderMap, Method, StatusCode};
@@ -127,6 +127,10 @@ impl JobStore for FaultyStore {
         let jobs = self.inner.job_claim(params).await;
         self.claims.send_modify(|n| *n += 1);
         jobs
+    }
+    async fn job_release_claim(&self, claim_id: i64) -> StoreResult<u64> {
+        self.gate().await?;
+        self.inner.job_release_claim(claim_id).await
     }
     async fn job_heartbeat_many(
         &self,

@@ -28,6 +28,9 @@ async fn every_operation(h: &Harness, id: i64, token: i64) -> Vec<(String, Reply
         ("POST", format!("/v1/jobs/{id}/cancel"), None),
         ("POST", format!("/v1/jobs/{id}/retry"), None),
         ("GET", "/v1/queues".into(), None),
+        ("POST", "/v1/queues/q/pause".into(), None),
+        ("POST", "/v1/queues/q/resume".into(), None),
+        ("GET", "/v1/workers".into(), None),
         (
             "POST",
             "/v1/leases".into(),

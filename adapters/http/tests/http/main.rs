@@ -1,5 +1,6 @@
-//! The HTTP adapter's integration tests: every endpoint and error path through poem's test client
-//! over the in-memory store (with a store wrapper for faults), the OpenAPI document against
+//! The HTTP adapter's integration tests: every endpoint (jobs, queues with pause and resume, the
+//! worker protocol, the process list) and error path through poem's test client over the
+//! in-memory store (with a store wrapper for faults), the OpenAPI document against
 //! `docs/openapi.json`, the metrics, and PostgreSQL-backed tests over real HTTP.
 
 mod auth;
@@ -10,4 +11,6 @@ mod jobs;
 mod metrics;
 mod openapi;
 mod postgres;
+mod processes;
+mod queues;
 mod workers;

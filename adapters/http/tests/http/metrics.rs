@@ -54,8 +54,18 @@ async fn requests_are_counted_by_route_template_never_by_raw_path() {
         .await
         .assert_status(401);
     h.get("/health").await.assert_status(200);
+    h.post_empty("/v1/queues/emails/pause")
+        .await
+        .assert_status(200);
+    h.post_empty("/v1/queues/bad%07name/resume")
+        .await
+        .assert_status(422);
+    h.get("/v1/workers").await.assert_status(200);
 
     let m = metrics.scrape();
+    assert_eq!(requests(&m, "POST", "/v1/queues/{name}/pause", "200"), 1.0);
+    assert_eq!(requests(&m, "POST", "/v1/queues/{name}/resume", "422"), 1.0);
+    assert_eq!(requests(&m, "GET", "/v1/workers", "200"), 1.0);
     assert_eq!(requests(&m, "POST", "/v1/jobs", "201"), 1.0);
     assert_eq!(requests(&m, "GET", "/v1/jobs/{id}", "200"), 1.0);
     assert_eq!(requests(&m, "GET", "/v1/jobs/{id}", "404"), 2.0);
@@ -71,6 +81,10 @@ async fn requests_are_counted_by_route_template_never_by_raw_path() {
             !route
                 .split('/')
                 .any(|segment| !segment.is_empty() && segment.bytes().all(|b| b.is_ascii_digit())),
+            "{route}"
+        );
+        assert!(
+            !route.contains("emails") && !route.contains("bad"),
             "{route}"
         );
     }

@@ -1,11 +1,14 @@
 //! The API over PostgreSQL and real HTTP on a random port: the worker cycle, health, graceful
-//! shutdown, and 100 concurrent enqueues with one idempotency key creating exactly one job.
+//! shutdown, 100 concurrent enqueues with one idempotency key creating exactly one job, queue
+//! pause and resume (a paused queue's job is leased only after the resume), the process list
+//! with its leader, and the attempt history of a job.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use faultline_http::{ApiConfig, StoreHealth, problem_types as types};
+use faultline_ports::{ElectParams, JobStore, ProcessSpec, QueueSlots};
 use faultline_postgres::PgStore;
 use faultline_tests::TestDb;
 use serde_json::{Value, json};
@@ -83,6 +86,11 @@ impl Server {
 
     async fn get(&self, path: &str) -> (u16, Value) {
         self.call(reqwest::Method::GET, path, None).await
+    }
+
+    /// The store over the server's database (to register processes, elect a leader, ...).
+    fn store(&self) -> PgStore {
+        PgStore::new(self._db.pool().clone())
     }
 
     async fn stop(self) {
@@ -217,7 +225,7 @@ async fn a_hundred_concurrent_enqueues_with_one_key_create_one_job() {
 
 /// Every job in the database, through the store (SQL stays in the Postgres adapter).
 async fn job_rows(db: &TestDb) -> i64 {
-    use faultline_ports::{JobStore, ListParams};
+    use faultline_ports::ListParams;
     let store = PgStore::new(db.pool().clone());
     let page = store
         .job_list(&ListParams {
@@ -227,4 +235,230 @@ async fn job_rows(db: &TestDb) -> i64 {
         .await
         .expect("a page");
     page.jobs.len() as i64
+}
+
+/// The ids of the jobs a lease request for `queue` got, waiting up to `wait_seconds`.
+async fn lease_ids(server: &Server, queue: &str, wait_seconds: f64) -> Vec<i64> {
+    let (status, grant) = server
+        .post(
+            "/v1/leases",
+            json!({"worker_id": "pg-w", "queues": [queue], "limit": 10, "wait_seconds": wait_seconds}),
+        )
+        .await;
+    assert_eq!(status, 200, "{grant}");
+    grant["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .map(|job| job["id"].as_i64().expect("an id"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_queue_is_leased_only_after_its_resume_over_postgres() {
+    let server = Arc::new(Server::start(ApiConfig::default()).await);
+    let (status, job) = server
+        .post(
+            "/v1/jobs",
+            json!({"kind": "mail", "queue": "pg-mail", "payload": {}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{job}");
+    let id = job["id"].as_i64().unwrap();
+
+    let (status, paused) = server.post("/v1/queues/pg-mail/pause", json!(null)).await;
+    assert_eq!(status, 200, "{paused}");
+    assert_eq!(paused["name"], "pg-mail");
+    assert_eq!(paused["paused"], true);
+    assert!(paused["paused_at"].is_string(), "{paused}");
+    let (status, again) = server.post("/v1/queues/pg-mail/pause", json!(null)).await;
+    assert_eq!(
+        (status, &again),
+        (200, &paused),
+        "pausing twice changes nothing"
+    );
+    // An empty queue can be paused ahead of its first job.
+    let (status, idle) = server.post("/v1/queues/pg-idle/pause", json!(null)).await;
+    assert_eq!((status, &idle["paused"]), (200, &json!(true)), "{idle}");
+
+    assert_eq!(lease_ids(&server, "pg-mail", 0.0).await, Vec::<i64>::new());
+    let (status, listed) = server.get("/v1/queues").await;
+    assert_eq!(status, 200, "{listed}");
+    let queues = listed["queues"].as_array().expect("queues");
+    let names: Vec<&str> = queues
+        .iter()
+        .map(|q| q["queue"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["pg-idle", "pg-mail"], "{listed}");
+    assert_eq!(queues[0]["counts"]["queued"], 0);
+    assert_eq!(queues[0]["paused"], true);
+    assert_eq!(queues[1]["counts"]["queued"], 1);
+    assert_eq!(queues[1]["paused"], true);
+    assert_eq!(queues[1]["paused_at"], paused["paused_at"]);
+
+    // A long poll that waits across the resume gets the job after it.
+    let polling = {
+        let server = server.clone();
+        tokio::spawn(async move { lease_ids(&server, "pg-mail", 30.0).await })
+    };
+    let (status, resumed) = server.post("/v1/queues/pg-mail/resume", json!(null)).await;
+    assert_eq!(status, 200, "{resumed}");
+    assert_eq!(resumed["paused"], false);
+    assert_eq!(resumed["paused_at"], paused["paused_at"]);
+    let leased = tokio::time::timeout(DEADLINE, polling)
+        .await
+        .expect("the long poll answers")
+        .expect("the poll did not panic");
+    assert_eq!(leased, [id]);
+
+    let (status, queues) = server.get("/v1/queues").await;
+    assert_eq!(status, 200);
+    assert_eq!(queues["queues"][1]["paused"], false);
+    assert_eq!(queues["queues"][1]["counts"]["running"], 1);
+
+    // Refused names are problems, never 500s.
+    for (path, status, problem_type) in [
+        ("/v1/queues/bad%00name/pause", 422, types::INVALID_REQUEST),
+        ("/v1/queues/bad%1Bname/resume", 422, types::INVALID_REQUEST),
+        (
+            &*format!("/v1/queues/{}/pause", "x".repeat(129)),
+            400,
+            types::BAD_REQUEST,
+        ),
+    ] {
+        let (got, problem) = server.post(path, json!(null)).await;
+        assert_eq!(
+            (got, &problem["type"]),
+            (status, &json!(problem_type)),
+            "{path}: {problem}"
+        );
+    }
+    let rows = server.store().queue_list().await.expect("rows");
+    assert_eq!(rows.len(), 2, "{rows:?}");
+
+    Arc::into_inner(server)
+        .expect("the only owner")
+        .stop()
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_lists_registered_processes_and_the_leader_over_postgres() {
+    let server = Server::start(ApiConfig::default()).await;
+    let (status, empty) = server.get("/v1/workers").await;
+    assert_eq!((status, empty), (200, json!({"workers": []})));
+
+    let store = server.store();
+    for (id, role, queues) in [
+        ("pg-worker-2", "worker", vec![("email", 4), ("default", 16)]),
+        ("pg-api-1", "api", vec![]),
+    ] {
+        store
+            .process_register(&ProcessSpec {
+                id: id.into(),
+                role: role.into(),
+                host: "db-host".into(),
+                pid: 31337,
+                version: "9.9.9".into(),
+                queues: queues
+                    .into_iter()
+                    .map(|(queue, slots)| QueueSlots {
+                        queue: queue.into(),
+                        slots,
+                    })
+                    .collect(),
+            })
+            .await
+            .expect("registered");
+    }
+    let leadership = store
+        .leader_elect(&ElectParams {
+            candidate: "pg-worker-2".into(),
+            ttl_ms: 60_000,
+        })
+        .await
+        .expect("elected");
+
+    let (status, body) = server.get("/v1/workers").await;
+    assert_eq!(status, 200, "{body}");
+    let workers = body["workers"].as_array().expect("workers");
+    let ids: Vec<(&str, bool)> = workers
+        .iter()
+        .map(|w| (w["id"].as_str().unwrap(), w["leader"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(ids, [("pg-api-1", false), ("pg-worker-2", true)]);
+    assert_eq!(workers[0]["role"], "api");
+    assert_eq!(workers[0]["queues"], json!([]));
+    assert_eq!(workers[1]["host"], "db-host");
+    assert_eq!(workers[1]["pid"], 31337);
+    assert_eq!(workers[1]["version"], "9.9.9");
+    assert_eq!(
+        workers[1]["queues"],
+        json!([{"queue": "email", "slots": 4}, {"queue": "default", "slots": 16}])
+    );
+    assert!(workers[1]["started_at"].is_string() && workers[1]["last_seen_at"].is_string());
+    assert_eq!(body["leader"]["leader_id"], "pg-worker-2");
+    assert_eq!(body["leader"]["term"], leadership.term);
+    assert_eq!(body["leader"]["active"], true);
+    assert!(body["leader"]["elected_at"].is_string() && body["leader"]["expires_at"].is_string());
+
+    // A resigned leadership leads nobody.
+    assert!(
+        store
+            .leader_resign("pg-worker-2", leadership.term)
+            .await
+            .expect("resign")
+    );
+    let (status, body) = server.get("/v1/workers").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["workers"][1]["leader"], false, "{body}");
+    assert_ne!(body["leader"]["active"], true, "{body}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_attempt_is_in_the_jobs_errors_over_postgres() {
+    let server = Server::start(ApiConfig::default()).await;
+    let (status, job) = server
+        .post(
+            "/v1/jobs",
+            json!({"kind": "k", "queue": "pg-hist", "payload": 1, "max_attempts": 1}),
+        )
+        .await;
+    assert_eq!(status, 201, "{job}");
+    assert_eq!(job["errors"], json!([]));
+    let id = job["id"].as_i64().unwrap();
+    let (status, grant) = server
+        .post(
+            "/v1/leases",
+            json!({"worker_id": "pg-hist-worker", "queues": ["pg-hist"]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{grant}");
+    let token = grant["jobs"][0]["lease_token"].clone();
+    let (status, failed) = server
+        .post(
+            &format!("/v1/jobs/{id}/fail"),
+            json!({"lease_token": token, "error": "disk full"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{failed}");
+    assert_eq!(failed["state"], "failed");
+
+    let (status, view) = server.get(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["last_error"], "disk full");
+    let errors = view["errors"].as_array().expect("errors");
+    assert_eq!(errors.len(), 1, "{view}");
+    let mut entry = errors[0].clone();
+    let at = entry.as_object_mut().unwrap().remove("at").expect("a time");
+    assert_eq!(
+        at, view["finished_at"],
+        "the failure's time is the database's"
+    );
+    assert_eq!(
+        entry,
+        json!({"attempt": 1, "worker": "pg-hist-worker", "fencing_token": token, "error": "disk full", "kind": "error"})
+    );
+    server.stop().await;
 }

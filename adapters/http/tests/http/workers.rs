@@ -408,3 +408,66 @@ async fn shutdown_ends_a_long_poll_at_once() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn every_failed_attempt_is_kept_in_the_jobs_errors() {
+    let h = Harness::new();
+    let job = h
+        .enqueue(json!({
+            "kind": "k",
+            "queue": "hist",
+            "payload": 1,
+            "backoff": {"base_seconds": 0, "cap_seconds": 0, "jitter": 0}
+        }))
+        .await;
+    let id = job["id"].as_i64().unwrap();
+    assert_eq!(job["errors"], json!([]));
+
+    // Attempt 1 fails by report.
+    let leased = h.lease_one("hist").await;
+    let failed = h
+        .post(
+            &format!("/v1/jobs/{id}/fail"),
+            json!({"lease_token": leased["lease_token"], "error": "upstream said no"}),
+        )
+        .await;
+    let failed = failed.assert_status(200).clone();
+    assert_eq!(failed["state"], "queued");
+    let errors = failed["errors"].as_array().expect("errors").clone();
+    assert_eq!(errors.len(), 1, "{failed}");
+    assert_eq!(instant(&errors[0]["at"]), h.clock.now());
+    let mut entry = errors[0].clone();
+    entry.as_object_mut().unwrap().remove("at");
+    assert_eq!(
+        entry,
+        json!({
+            "attempt": 1,
+            "worker": "w1",
+            "fencing_token": leased["lease_token"],
+            "error": "upstream said no",
+            "kind": "error"
+        })
+    );
+
+    // Attempt 2 ends by an expired lease, rescued by the store.
+    let second = h.lease_one("hist").await;
+    h.clock.advance_ms(31_000);
+    let rescued = h.store.inner.job_rescue_expired(10).await.expect("rescue");
+    assert_eq!(rescued.len(), 1);
+
+    let view = h.get(&format!("/v1/jobs/{id}")).await;
+    let view = view.assert_status(200).clone();
+    let errors = view["errors"].as_array().expect("errors").clone();
+    assert_eq!(errors.len(), 2, "oldest first: {view}");
+    assert_eq!(errors[0]["error"], "upstream said no");
+    assert_eq!(errors[1]["attempt"], 2);
+    assert_eq!(errors[1]["kind"], "lease_expired");
+    assert_eq!(errors[1]["worker"], "w1");
+    assert_eq!(errors[1]["fencing_token"], second["lease_token"]);
+    assert_eq!(instant(&errors[1]["at"]), h.clock.now());
+    assert_eq!(view["last_error"], errors[1]["error"]);
+
+    // Every job view carries them: the list too.
+    let page = h.get("/v1/jobs?queue=hist").await;
+    assert_eq!(page.assert_status(200)["jobs"][0]["errors"], view["errors"]);
+}

@@ -36,6 +36,7 @@ fn claim(queue: &str, limit: u32) -> ClaimParams {
         limit,
         lease_ms: 60_000,
         worker_id: "w".into(),
+        claim_id: None,
     }
 }
 

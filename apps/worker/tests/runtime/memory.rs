@@ -26,6 +26,7 @@ fn claim_as(worker_id: &str) -> ClaimParams {
         limit: 10,
         lease_ms: 30_000,
         worker_id: worker_id.into(),
+        claim_id: None,
     }
 }
 

@@ -30,14 +30,28 @@ async fn the_worker_survives_a_database_outage_backs_off_and_recovers() {
     let mut store = MockJobStore::new();
     let claims = Arc::new(Mutex::new(Vec::<Instant>::new()));
     let seen = claims.clone();
-    store.expect_job_claim().returning(move |_| {
+    let lost_ids = Arc::new(Mutex::new(Vec::<i64>::new()));
+    let lost = lost_ids.clone();
+    store.expect_job_claim().returning(move |params| {
         let mut seen = seen.lock().unwrap();
         seen.push(Instant::now());
         match seen.len() {
-            1..=3 => Err(backend()),
+            1..=3 => {
+                lost.lock()
+                    .unwrap()
+                    .push(params.claim_id.expect("a claim id"));
+                Err(backend())
+            }
             4 => Ok(vec![running_job(1, "k", t0())]),
             _ => Ok(vec![]),
         }
+    });
+    // The failed claims' jobs, if they committed after all, are given back by claim id.
+    let released_ids = Arc::new(Mutex::new(Vec::<i64>::new()));
+    let released = released_ids.clone();
+    store.expect_job_release_claim().returning(move |claim_id| {
+        released.lock().unwrap().push(claim_id);
+        Ok(0)
     });
     let writes = Arc::new(AtomicUsize::new(0));
     let w = writes.clone();
@@ -85,6 +99,13 @@ async fn the_worker_survives_a_database_outage_backs_off_and_recovers() {
     assert_eq!(counters.db_errors, 5, "3 claims and 2 writes failed");
     assert_eq!(writes.load(Ordering::SeqCst), 3);
     assert_eq!(counters.writes_dropped, 0);
+    let lost = lost_ids.lock().unwrap().clone();
+    let released = released_ids.lock().unwrap().clone();
+    assert_eq!(lost.len(), 3);
+    assert!(
+        lost.iter().all(|id| released.contains(id)),
+        "every failed claim is given back: lost {lost:?}, released {released:?}"
+    );
 
     // The claims backed off exponentially (with jitter in the upper half of each step).
     let claims = claims.lock().unwrap().clone();

@@ -138,6 +138,7 @@ async fn pg_a_late_write_is_rejected_as_stale_and_counted() {
         limit: 1,
         lease_ms: 30_000,
         worker_id: "w2".into(),
+        claim_id: None,
     };
     assert_eq!(store.job_claim(&claim).await.unwrap().len(), 1);
 
@@ -262,6 +263,7 @@ async fn pg_rescuer_and_pruner_steps() {
         limit: 1,
         lease_ms: 30_000,
         worker_id: "ghost".into(),
+        claim_id: None,
     };
     store.job_claim(&claim).await.unwrap();
     let mut registry = Registry::new();
