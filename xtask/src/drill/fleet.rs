@@ -40,6 +40,11 @@ pub(crate) struct WorkerSpec {
     /// `--leader-lease` (elections every third of it): when the maintenance leader is killed,
     /// another worker leads within this plus an election interval.
     pub(crate) leader_lease: Duration,
+    /// `--prune-interval` (`None`: off, the drills' default, so that finished jobs stay for the
+    /// checks).
+    pub(crate) prune_interval: Option<Duration>,
+    /// `--retain-cancelled` (`None`: the binary's default).
+    pub(crate) retain_cancelled: Option<Duration>,
     /// `--db-backoff-max`: the longest pause between retries while the database is down.
     pub(crate) db_backoff_max: Duration,
     /// `--store-timeout`.
@@ -60,6 +65,8 @@ impl WorkerSpec {
             poll_interval: Duration::from_millis(200),
             rescue_interval: Duration::from_millis(250),
             leader_lease: Duration::from_millis(900),
+            prune_interval: None,
+            retain_cancelled: None,
             db_backoff_max: Duration::from_secs(1),
             store_timeout: Duration::from_secs(2),
             demo_handlers: false,
@@ -67,10 +74,21 @@ impl WorkerSpec {
         }
     }
 
+    /// `--election-interval`: the binary's default, a third of the leader lease.
+    pub(crate) fn election_interval(&self) -> Duration {
+        self.leader_lease / 3
+    }
+
+    /// The longest the maintenance has no leader after the leader dies: its lease (renewed an
+    /// instant before the death at the latest) plus an election interval.
+    pub(crate) fn failover_wait(&self) -> Duration {
+        self.leader_lease + self.election_interval()
+    }
+
     /// The longest an expired lease waits for a rescuer: a leader failover (the leader may be
-    /// among the killed workers: its lease plus an election interval), then a rescuer's round.
+    /// among the killed workers), then a rescuer's round.
     pub(crate) fn rescue_wait(&self) -> Duration {
-        self.leader_lease + self.leader_lease / 3 + self.rescue_interval
+        self.failover_wait() + self.rescue_interval
     }
 
     /// The longest an expired lease's job waits before running again on a live worker with free
@@ -109,7 +127,7 @@ impl WorkerSpec {
             "--store-timeout",
             &ms(self.store_timeout),
             "--prune-interval",
-            "off",
+            &self.prune_interval.map_or_else(|| "off".to_owned(), ms),
             "--http-endpoint",
             &format!("{KIND}={}", sink.url_for(name)),
             // Longer than any drill's stop: a SIGSTOPped worker's request must not time out.
@@ -122,6 +140,9 @@ impl WorkerSpec {
         ]
         .map(str::to_owned)
         .into();
+        if let Some(retain) = self.retain_cancelled {
+            args.extend(["--retain-cancelled".to_owned(), ms(retain)]);
+        }
         if self.demo_handlers {
             args.push("--demo-handlers".into());
         }
@@ -263,6 +284,11 @@ impl Fleet {
     /// The process's name.
     pub(crate) fn name(&self, id: ProcId) -> &str {
         &self.procs[id].name
+    }
+
+    /// The process's `/metrics` URL, if it serves one.
+    pub(crate) fn metrics_url(&self, id: ProcId) -> Option<&str> {
+        self.procs[id].metrics.as_deref()
     }
 
     /// Sends `signal` to a running process.

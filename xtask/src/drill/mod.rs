@@ -1,9 +1,10 @@
 //! `cargo xtask drill [--short] [NAME ...]`: failure drills. Each drill runs real `faultline`
 //! processes against a real PostgreSQL (a database of its own), injects a real fault (SIGKILL,
-//! SIGSTOP, a poison pill, a database outage, a SIGTERM, a burst of duplicate submissions), waits
-//! for the system to settle, and checks invariants straight from the database, the effects
-//! ledger and the workers' metrics. The summary goes to stdout and `target/drills/summary.json`;
-//! the exit status is non-zero when any drill fails.
+//! SIGSTOP, a poison pill, a database outage, a SIGTERM, a burst of duplicate submissions, the
+//! maintenance leader SIGKILLed, a queue paused), waits for the system to settle, and checks
+//! invariants straight from the database, the effects ledger and the workers' metrics. The
+//! summary goes to stdout and `target/drills/summary.json`; the exit status is non-zero when any
+//! drill fails.
 //!
 //! Adding a drill: a module with a `pub(crate) const DRILL: Drill` and one line in [`DRILLS`].
 
@@ -18,7 +19,9 @@ mod db_outage;
 mod duplicates;
 mod exactly_once;
 mod graceful_shutdown;
+mod leader_failover;
 mod lease_expiry;
+mod pause;
 mod poison_pill;
 mod retries;
 mod worker_crash;
@@ -44,6 +47,8 @@ const DRILLS: &[Drill] = &[
     duplicates::DRILL,
     graceful_shutdown::DRILL,
     exactly_once::DRILL,
+    leader_failover::DRILL,
+    pause::DRILL,
 ];
 
 /// Scheduling slack allowed on top of every time bound derived from the configuration: process
