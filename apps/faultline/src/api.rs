@@ -63,7 +63,7 @@ const WATCH_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duratio
 pub(crate) async fn run(args: ApiCommand) -> anyhow::Result<()> {
     let shutdown = shutdown::on_signals()?;
     let config = args.api.config()?;
-    let process = maintenance::process(maintenance::process_id(), "api", &[], 0);
+    let process = maintenance::process(maintenance::process_id(), "api", &[]);
     let upkeep = args.maintenance.config(process, config.request_timeout);
     upkeep.validate()?;
     args.metrics.sample_interval()?;

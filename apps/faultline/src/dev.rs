@@ -48,12 +48,11 @@ pub(crate) async fn run(args: DevCommand) -> anyhow::Result<()> {
     let registry = handlers::registry(&args.http, true)?;
     let config = args.worker.config();
     config.validate()?;
-    let process = maintenance::process(
-        config.worker_id.clone(),
-        "dev",
-        &config.queues,
-        config.concurrency,
-    );
+    let producers = args.worker.producers();
+    for producer in &producers {
+        producer.validate()?;
+    }
+    let process = maintenance::process(config.worker_id.clone(), "dev", &producers);
     let upkeep = args.maintenance.config(process, config.store_timeout);
     upkeep.validate()?;
     let api_config = args.api.config()?;
@@ -76,9 +75,10 @@ pub(crate) async fn run(args: DevCommand) -> anyhow::Result<()> {
     let parts = Parts {
         worker: worker::Parts {
             registry,
-            config,
+            producers,
             maintenance: Some(upkeep),
         },
+        config,
         api_config,
         listener,
     };
@@ -100,6 +100,8 @@ pub(crate) async fn run(args: DevCommand) -> anyhow::Result<()> {
 /// What `serve` runs: the worker (with the process's maintenance) and the API.
 struct Parts {
     worker: worker::Parts,
+    /// The settings the producers share (backoff, queues), for the start-up banner.
+    config: faultline_worker::WorkerConfig,
     api_config: faultline_http::ApiConfig,
     listener: TcpListener,
 }
@@ -114,10 +116,10 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let Parts {
         worker: worker_parts,
+        config,
         api_config,
         listener,
     } = parts;
-    let config = &worker_parts.config;
     let connect = database::connect_options(url, database::WORKER_APPLICATION_NAME)?;
     let api_connect = database::connect_options(url, database::API_APPLICATION_NAME)?;
     let migrate_pool = sqlx::postgres::PgPoolOptions::new()
@@ -164,7 +166,7 @@ async fn serve(
     println!("  metrics   {base}/metrics  (Prometheus: the worker's and the API's)");
     println!(
         "  worker    queues {}, kinds {kinds}",
-        config.queues.join(", ")
+        worker::queue_slots(&worker_parts.producers)
     );
     println!(
         "Try: curl -s -X POST {base}/v1/jobs{auth_header} -H 'content-type: application/json' \\\n  \

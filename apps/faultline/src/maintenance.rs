@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use faultline_metrics::LabelGuard;
 use faultline_ports::{JobStore, ProcessSpec, QueueSlots};
-use faultline_worker::{Maintenance, MaintenanceConfig};
+use faultline_worker::{Maintenance, MaintenanceConfig, WorkerConfig};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -153,19 +153,21 @@ impl MaintenanceArgs {
 }
 
 /// This process's registry entry: `id`, `role` (`worker`, `api`, `dev`), the host name, the pid,
-/// the version, and the queues it claims with their slots.
-pub(crate) fn process(id: String, role: &str, queues: &[String], slots: usize) -> ProcessSpec {
+/// the version, and the queues its producers claim, with their slots.
+pub(crate) fn process(id: String, role: &str, producers: &[WorkerConfig]) -> ProcessSpec {
     ProcessSpec {
         id,
         role: role.to_owned(),
         host: host_name(),
         pid: i32::try_from(std::process::id()).unwrap_or(i32::MAX),
         version: env!("CARGO_PKG_VERSION").to_owned(),
-        queues: queues
+        queues: producers
             .iter()
-            .map(|queue| QueueSlots {
-                queue: queue.clone(),
-                slots: u32::try_from(slots).unwrap_or(u32::MAX),
+            .flat_map(|producer| {
+                producer.queues.iter().map(|queue| QueueSlots {
+                    queue: queue.clone(),
+                    slots: u32::try_from(producer.concurrency).unwrap_or(u32::MAX),
+                })
             })
             .collect(),
     }

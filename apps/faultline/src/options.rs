@@ -31,17 +31,20 @@ pub(crate) struct WorkerArgs {
     #[arg(long, env = "FAULTLINE_WORKER_ID", value_name = "ID")]
     pub(crate) worker_id: Option<String>,
 
-    /// Queues to claim jobs from, comma-separated.
+    /// Queues to claim jobs from, comma-separated, each with its own slots (`email=10`); a bare
+    /// name gets --concurrency slots. Every queue has a producer of its own: a backlog in one
+    /// never holds up another.
     #[arg(
         long,
         env = "FAULTLINE_QUEUES",
-        value_name = "QUEUE,..",
+        value_name = "QUEUE[=N],..",
         value_delimiter = ',',
-        default_value = "default"
+        default_value = "default",
+        value_parser = parse_queue
     )]
-    pub(crate) queues: Vec<String>,
+    pub(crate) queues: Vec<QueueArg>,
 
-    /// At most this many jobs run at once.
+    /// Slots of each queue named without its own: at most this many of its jobs run at once.
     #[arg(
         long,
         env = "FAULTLINE_CONCURRENCY",
@@ -89,18 +92,52 @@ pub(crate) struct WorkerArgs {
     pub(crate) store_timeout: Duration,
 
     /// Database connections of the worker's pool (the wake-up listener has one more of its own)
-    /// [default: concurrency / 4 + 4, at most 32].
+    /// [default: all slots / 4 + 4, at most 32, at least two per queue plus two].
     #[arg(long, env = "FAULTLINE_POOL_SIZE", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) pool_size: Option<u32>,
 }
 
+/// One `--queues` entry: a queue and, optionally, its own slots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct QueueArg {
+    pub(crate) name: String,
+    pub(crate) slots: Option<usize>,
+}
+
+/// Parses `NAME` or `NAME=N` (N from 1 to 10 000).
+pub(crate) fn parse_queue(text: &str) -> anyhow::Result<QueueArg> {
+    let (name, slots) = match text.rsplit_once('=') {
+        Some((name, n)) => {
+            let n: usize = n
+                .trim()
+                .parse()
+                .with_context(|| format!("{text:?}: the slots after '=' must be a number"))?;
+            if !(1..=faultline_ports::MAX_CLAIM_LIMIT as usize).contains(&n) {
+                bail!(
+                    "{text:?}: slots must be between 1 and {}",
+                    faultline_ports::MAX_CLAIM_LIMIT
+                );
+            }
+            (name.trim(), Some(n))
+        }
+        None => (text.trim(), None),
+    };
+    faultline_ports::domain::Limits::check_name("queue", name)
+        .map_err(|err| anyhow::anyhow!("{text:?}: {err}"))?;
+    Ok(QueueArg {
+        name: name.to_owned(),
+        slots,
+    })
+}
+
 impl WorkerArgs {
-    /// The worker's configuration (checked by the worker when it is built).
+    /// The configuration shared by the process's producers: every queue, and the default slots
+    /// (checked by the worker when it is built). See [`WorkerArgs::producers`].
     pub(crate) fn config(&self) -> WorkerConfig {
         let defaults = WorkerConfig::default();
         WorkerConfig {
             worker_id: self.worker_id.clone().unwrap_or(defaults.worker_id),
-            queues: self.queues.clone(),
+            queues: self.queues.iter().map(|q| q.name.clone()).collect(),
             concurrency: self.concurrency,
             lease: self.lease,
             heartbeat_interval: self.heartbeat_interval,
@@ -113,12 +150,36 @@ impl WorkerArgs {
         }
     }
 
+    /// One configuration per queue, in order (a queue named twice once, with its last slots):
+    /// each runs as a producer of its own, with the queue's slots.
+    pub(crate) fn producers(&self) -> Vec<WorkerConfig> {
+        let shared = self.config();
+        let mut queues: Vec<&QueueArg> = Vec::new();
+        for queue in &self.queues {
+            match queues.iter_mut().find(|q| q.name == queue.name) {
+                Some(seen) => *seen = queue,
+                None => queues.push(queue),
+            }
+        }
+        queues
+            .into_iter()
+            .map(|queue| WorkerConfig {
+                queues: vec![queue.name.clone()],
+                concurrency: queue.slots.unwrap_or(self.concurrency),
+                ..shared.clone()
+            })
+            .collect()
+    }
+
     /// The pool size: the flag, else enough for claims, heartbeats, writes and maintenance (the
-    /// process's maintenance shares the pool).
+    /// process's maintenance shares the pool): a quarter of all slots plus 4, at most 32, and at
+    /// least two per producer plus two.
     pub(crate) fn pool_size(&self) -> u32 {
         self.pool_size.unwrap_or_else(|| {
-            let derived = self.concurrency / 4 + 4;
-            u32::try_from(derived.min(32)).unwrap_or(32)
+            let producers = self.producers();
+            let slots: usize = producers.iter().map(|p| p.concurrency).sum();
+            let derived = (slots / 4 + 4).min(32).max(2 * producers.len() + 2);
+            u32::try_from(derived).unwrap_or(u32::MAX)
         })
     }
 }

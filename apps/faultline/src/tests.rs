@@ -229,7 +229,7 @@ fn the_defaults_are_the_runtimes() {
             ..defaults
         }
     );
-    let process = crate::maintenance::process("w".into(), "worker", &[], 0);
+    let process = crate::maintenance::process("w".into(), "worker", &[]);
     assert_eq!(
         args.maintenance
             .config(process.clone(), defaults.store_timeout),
@@ -368,7 +368,7 @@ fn flags_reach_the_configuration() {
             store_timeout: secs(3),
         }
     );
-    let process = crate::maintenance::process("w1".into(), "worker", &[], 0);
+    let process = crate::maintenance::process("w1".into(), "worker", &[]);
     assert_eq!(
         args.maintenance.config(process.clone(), secs(3)),
         MaintenanceConfig {
@@ -398,6 +398,39 @@ fn flags_reach_the_configuration() {
     assert_eq!(kinds, ["a", "b"]);
     assert_eq!(args.http.http_timeout, secs(4));
     assert!(args.demo_handlers);
+}
+
+#[test]
+fn every_queue_gets_a_producer_with_its_own_slots() {
+    let args = worker_args(&[
+        "--queues",
+        "email=3,default, bulk = 40,email=5",
+        "--concurrency",
+        "7",
+    ]);
+    let producers: Vec<(Vec<String>, usize)> = args
+        .worker
+        .producers()
+        .into_iter()
+        .map(|p| (p.queues, p.concurrency))
+        .collect();
+    assert_eq!(
+        producers,
+        [
+            (vec!["email".to_owned()], 5),
+            (vec!["default".to_owned()], 7),
+            (vec!["bulk".to_owned()], 40),
+        ],
+        "a repeated queue keeps its last slots; a bare name gets --concurrency"
+    );
+    // 52 slots / 4 + 4 = 17 connections (and never fewer than two per producer plus two).
+    assert_eq!(args.worker.pool_size(), 17);
+    for bad in ["email=0", "email=x", "=3", "email=10001", "a\tb"] {
+        let mut argv = vec!["faultline", "worker", "--database-url", "postgres://x@h/d"];
+        argv.extend(["--queues", bad]);
+        let error = Cli::try_parse_from(argv).expect_err(bad).to_string();
+        assert!(error.contains("--queues"), "{bad}: {error}");
+    }
 }
 
 #[test]

@@ -63,17 +63,16 @@ pub(crate) async fn run(args: WorkerCommand) -> anyhow::Result<()> {
     let registry = handlers::registry(&args.http, args.demo_handlers)?;
     let config = args.worker.config();
     config.validate()?;
-    let process = maintenance::process(
-        config.worker_id.clone(),
-        "worker",
-        &config.queues,
-        config.concurrency,
-    );
+    let producers = args.worker.producers();
+    for producer in &producers {
+        producer.validate()?;
+    }
+    let process = maintenance::process(config.worker_id.clone(), "worker", &producers);
     let upkeep = args.maintenance.config(process, config.store_timeout);
     upkeep.validate()?;
     args.metrics.sample_interval()?;
     if args.print_config {
-        print_config(&args, &config, &upkeep);
+        print_config(&args, &config, &producers, &upkeep);
         return Ok(());
     }
     // First, so that a taken port fails before anything is started.
@@ -100,14 +99,19 @@ pub(crate) async fn run(args: WorkerCommand) -> anyhow::Result<()> {
     };
     let parts = Parts {
         registry,
-        config,
+        producers,
         maintenance: Some(upkeep),
     };
     serve(pool, connect, parts, &telemetry, shutdown).await
 }
 
 /// `--print-config`: one `name = value` line per setting.
-fn print_config(args: &WorkerCommand, config: &WorkerConfig, upkeep: &MaintenanceConfig) {
+fn print_config(
+    args: &WorkerCommand,
+    config: &WorkerConfig,
+    producers: &[WorkerConfig],
+    upkeep: &MaintenanceConfig,
+) {
     let off = |interval: Option<std::time::Duration>| {
         interval.map_or_else(|| "off".to_owned(), |d| format!("{d:?}"))
     };
@@ -119,7 +123,7 @@ fn print_config(args: &WorkerCommand, config: &WorkerConfig, upkeep: &Maintenanc
         .collect();
     let lines = [
         ("worker_id", config.worker_id.clone()),
-        ("queues", config.queues.join(",")),
+        ("queues", queue_slots(producers)),
         ("concurrency", config.concurrency.to_string()),
         ("lease", format!("{:?}", config.lease)),
         (
@@ -160,19 +164,29 @@ fn print_config(args: &WorkerCommand, config: &WorkerConfig, upkeep: &Maintenanc
     }
 }
 
-/// What a worker process runs: the handlers, the worker's configuration, and the process's
-/// maintenance (`None` when the caller runs it, as `dev` does for the whole process).
+/// `name=slots` of each producer, comma-separated.
+pub(crate) fn queue_slots(producers: &[WorkerConfig]) -> String {
+    producers
+        .iter()
+        .map(|p| format!("{}={}", p.queues.join("+"), p.concurrency))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// What a worker process runs: the handlers, one worker configuration per queue (each runs as a
+/// producer of its own), and the process's maintenance (`None` when the caller runs it).
 pub(crate) struct Parts {
     pub(crate) registry: Registry,
-    pub(crate) config: WorkerConfig,
+    pub(crate) producers: Vec<WorkerConfig>,
     pub(crate) maintenance: Option<MaintenanceConfig>,
 }
 
-/// Runs a worker on `pool` until `shutdown` fires, with wake-ups from a `LISTEN` connection made
-/// from `connect`, recording its metrics with `telemetry`'s labels (and sampling queue depth,
-/// unless the process already does), next to the process's maintenance if `parts` has one; then
-/// shuts down gracefully (the maintenance last: it resigns and deregisters once the worker has
-/// given its leases back) and closes the pool.
+/// Runs one worker per producer configuration on `pool` until `shutdown` fires, each claiming
+/// its own queue with its own slots and woken by its own `LISTEN` connection (made from
+/// `connect`, filtered to its queue), recording metrics with `telemetry`'s labels (and sampling
+/// queue depth, unless the process already does), next to the process's maintenance if `parts`
+/// has one; then shuts every worker down gracefully (the maintenance last: it resigns and
+/// deregisters once the workers have given their leases back) and closes the pool.
 pub(crate) async fn serve(
     pool: PgPool,
     connect: PgConnectOptions,
@@ -182,12 +196,17 @@ pub(crate) async fn serve(
 ) -> anyhow::Result<()> {
     let Parts {
         registry,
-        config,
+        producers,
         maintenance: upkeep,
     } = parts;
     let store = Arc::new(PgStore::new(pool.clone()));
-    let mut worker =
-        Worker::new(store.clone(), registry, config)?.with_metric_labels(telemetry.labels.clone());
+    let mut workers = Vec::with_capacity(producers.len());
+    for config in producers {
+        workers.push(
+            Worker::new(store.clone(), registry.clone(), config)?
+                .with_metric_labels(telemetry.labels.clone()),
+        );
+    }
     let stop_upkeep = CancellationToken::new();
     let upkeep = match upkeep {
         Some(config) => Some(maintenance::spawn(
@@ -199,23 +218,35 @@ pub(crate) async fn serve(
         None => None,
     };
     telemetry.start_sampler(store);
-    // The listener outlives the worker's loop (the shutdown's grace period claims nothing).
+    // The listeners outlive the workers' loops (the shutdown's grace period claims nothing).
     let stop_listening = CancellationToken::new();
-    let listen = ListenOptions::default().queues(worker.config().queues.clone());
-    let wakeups = spawn_listener(connect, listen, stop_listening.clone());
-    worker = worker.with_wakeup(wakeups);
-
-    let report = worker.run(shutdown).await;
+    let mut running = tokio::task::JoinSet::new();
+    for worker in workers {
+        let listen = ListenOptions::default().queues(worker.config().queues.clone());
+        let wakeups = spawn_listener(connect.clone(), listen, stop_listening.clone());
+        let mut worker = worker.with_wakeup(wakeups);
+        let shutdown = shutdown.clone();
+        running.spawn(async move {
+            let queue = worker.config().queues.join(",");
+            (queue, worker.run(shutdown).await)
+        });
+    }
+    while let Some(done) = running.join_next().await {
+        match done {
+            Ok((queue, report)) => tracing::info!(
+                queue,
+                interrupted = report.interrupted,
+                released = report.counts.released,
+                "worker stopped"
+            ),
+            Err(err) => tracing::error!(error = %err, "a worker task failed"),
+        }
+    }
     stop_listening.cancel();
     stop_upkeep.cancel();
     if let Some(task) = upkeep {
         let _ = task.await;
     }
     pool.close().await;
-    tracing::info!(
-        interrupted = report.interrupted,
-        released = report.counts.released,
-        "worker stopped"
-    );
     Ok(())
 }

@@ -451,7 +451,7 @@ async fn print_config_shows_what_the_environment_set() {
     let env = [
         ("DATABASE_URL", "postgres://x@127.0.0.1:1/x"),
         ("FAULTLINE_WORKER_ID", "w-env"),
-        ("FAULTLINE_QUEUES", "a,b"),
+        ("FAULTLINE_QUEUES", "a,b=5"),
         ("FAULTLINE_CONCURRENCY", "3"),
         ("FAULTLINE_LEASE", "1m"),
         ("FAULTLINE_HEARTBEAT_INTERVAL", "5s"),
@@ -494,7 +494,7 @@ async fn print_config_shows_what_the_environment_set() {
         .collect();
     let expected: BTreeMap<&str, &str> = [
         ("worker_id", "w-env"),
-        ("queues", "a,b"),
+        ("queues", "a=3,b=5"),
         ("concurrency", "3"),
         ("lease", "60s"),
         ("heartbeat_interval", "5s"),
