@@ -322,6 +322,16 @@ pub trait JobStore: Send + Sync + 'static {
     /// leases are rescued first.
     async fn job_rescue_expired(&self, limit: u32) -> StoreResult<Vec<Job>>;
 
+    /// An operator's "expire lease now": ends the running job's lease at once, exactly as the
+    /// rescue of an expired lease would (`Job::apply` with `LeaseExpired` at now, the lease
+    /// first ending now): the attempt counts as failed with kind `lease_expired` in the attempt
+    /// history, and the job is queued again with backoff, `failed` when its attempts are spent,
+    /// `cancelled` when a cancel was requested. The holder's token is fenced off from then on
+    /// (its heartbeat reports the lease lost, its writes are stale). [`StoreError::NotFound`]
+    /// for an unknown id, [`StoreError::IllegalTransition`] (event `LeaseExpired`) for a job
+    /// that is not running. Returns the job in its new state.
+    async fn job_expire_lease(&self, id: i64) -> StoreResult<Job>;
+
     /// One job by id.
     async fn job_get(&self, id: i64) -> StoreResult<Job>;
 

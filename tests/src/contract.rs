@@ -28,7 +28,9 @@ use serde_json::{Value, json};
 
 use crate::TestDb;
 
+mod expiry;
 mod fleet;
+pub use expiry::*;
 pub use fleet::*;
 
 /// Expands to one `#[tokio::test]` per contract case, in a module named `$name`, each building
@@ -86,6 +88,8 @@ macro_rules! contract_suite {
             concurrent_candidates_elect_exactly_one_leader,
             processes_register_refresh_and_expire,
             a_lost_claim_is_given_back_by_its_claim_id,
+            writes_on_an_expired_lease_apply_until_it_is_rescued,
+            expire_lease_ends_a_running_lease_now_as_a_rescue_would,
         );
     };
     (@cases $name:ident, $factory:expr; $($case:ident),+ $(,)?) => {
@@ -375,7 +379,7 @@ pub(crate) fn expect_invalid<T: Debug>(result: StoreResult<T>, what: &str) {
 }
 
 #[track_caller]
-fn expect_not_found<T: Debug>(result: StoreResult<T>, id: i64) {
+pub(crate) fn expect_not_found<T: Debug>(result: StoreResult<T>, id: i64) {
     match result {
         Err(StoreError::NotFound { id: got }) => assert_eq!(got, id, "not found id"),
         other => panic!("expected NotFound for job {id}, got {other:?}"),
@@ -383,7 +387,12 @@ fn expect_not_found<T: Debug>(result: StoreResult<T>, id: i64) {
 }
 
 #[track_caller]
-fn expect_illegal<T: Debug>(result: StoreResult<T>, id: i64, from: JobState, event: EventKind) {
+pub(crate) fn expect_illegal<T: Debug>(
+    result: StoreResult<T>,
+    id: i64,
+    from: JobState,
+    event: EventKind,
+) {
     match result {
         Err(StoreError::IllegalTransition {
             id: got_id,

@@ -28,6 +28,7 @@ use crate::dto::{
 };
 use crate::fleet::{QueueList, QueueSummary, QueueView, WorkerList};
 use crate::health::HealthCheck;
+use crate::lost;
 use crate::problem::{
     ActionError, BatchError, ClaimError, EnqueueError, LeaseError, ListError, Problem,
     ProcessListError, QueueActionError, ReadError, StatsError,
@@ -69,6 +70,35 @@ impl Ctx {
                 )))
             }
         }
+    }
+}
+
+impl Ctx {
+    /// One claim call of a lease request, under a fresh claim id: when it times out or fails in
+    /// the backend (503), its answer is lost but it may have committed, so whatever it leased is
+    /// given back in the background (see [`crate::lost`]).
+    async fn claim(
+        &self,
+        params: &mut ClaimParams,
+    ) -> Result<Vec<faultline_ports::domain::Job>, Problem> {
+        let claim_id = lost::new_claim_id();
+        params.claim_id = Some(claim_id);
+        let sent = Instant::now();
+        let claimed = self.call("claim", self.store.job_claim(params)).await;
+        if let Err(problem) = &claimed
+            && problem.status == 503
+        {
+            let lease = Duration::from_millis(u64::try_from(params.lease_ms).unwrap_or(0));
+            lost::spawn_release(
+                self.store.clone(),
+                claim_id,
+                sent,
+                lease,
+                self.config.request_timeout,
+                params.worker_id.clone(),
+            );
+        }
+        claimed
     }
 }
 
@@ -202,7 +232,8 @@ impl JobsApi {
         &self,
         _auth: BearerAuth,
         /// Idempotency key; same meaning as the body field `idempotency_key` (set either, or
-        /// both to the same value).
+        /// both to the same value). Visible ASCII only, sent once: any other value is refused
+        /// with 400 (use the body field for other characters).
         #[oai(name = "Idempotency-Key", validator(min_length = 1, max_length = 128))]
         idempotency_key: Header<Option<String>>,
         body: Json<NewJob>,
@@ -396,6 +427,42 @@ impl JobsApi {
         );
         Ok(JobResponse::Ok(Json(job.into())))
     }
+
+    /// Expire a job's lease now
+    ///
+    /// An operator action for a lease whose holder vanished (e.g. a client that leased for a
+    /// long time and died): ends the running job's lease at once, exactly as the rescue of an
+    /// expired lease does. The attempt counts as failed (an `errors` entry of kind
+    /// `lease_expired`); the job is queued again after its backoff, ends `failed` when its
+    /// attempts are spent, or `cancelled` when a cancel was requested. The holder's lease token
+    /// is stale from then on: its heartbeat and writes get 409 (`.../stale-lease`). A job that is
+    /// not `running`: 409 (`.../illegal-transition`).
+    #[oai(
+        path = "/jobs/:id/expire-lease",
+        method = "post",
+        operation_id = "expire_job_lease"
+    )]
+    async fn expire_job_lease(
+        &self,
+        _auth: BearerAuth,
+        /// The job's id.
+        id: Path<i64>,
+    ) -> Result<JobResponse, ActionError> {
+        let ctx = &self.0;
+        let job = ctx
+            .call("expire_lease", ctx.store.job_expire_lease(id.0))
+            .await?;
+        telemetry::changed(&ctx.config.metric_labels, &job, true);
+        tracing::info!(
+            job_id = job.id,
+            kind = %job.kind,
+            attempt = job.attempts,
+            fencing_token = job.fencing_token,
+            state = %job.state,
+            "lease expired by an operator over HTTP"
+        );
+        Ok(JobResponse::Ok(Json(job.into())))
+    }
 }
 
 /// Queues: statistics, pause and resume.
@@ -508,7 +575,8 @@ impl WorkersApi {
     /// `lease_expires_at` unless extended by a heartbeat; a lease that runs out counts as a
     /// failed attempt and the job is retried with backoff. With `wait_seconds`, the request
     /// waits (at most 30 s) until a job is due, woken by new jobs, and otherwise answers with an
-    /// empty list.
+    /// empty list. A 503 costs no attempt: jobs its claim leased anyway (committed after the
+    /// timeout, or before a broken connection) are given back, attempt returned.
     #[oai(path = "/leases", method = "post", operation_id = "lease_jobs")]
     async fn lease_jobs(
         &self,
@@ -517,7 +585,7 @@ impl WorkersApi {
     ) -> Result<LeaseResponse, ClaimError> {
         let ctx = &self.0;
         let request = body.0;
-        let params = ClaimParams {
+        let mut params = ClaimParams {
             queues: request.queues.into_iter().map(String::from).collect(),
             kinds: request.kinds.into_iter().map(String::from).collect(),
             limit: request.limit,
@@ -534,7 +602,7 @@ impl WorkersApi {
             // Mark the current wake-up as seen before claiming, so that a job enqueued between
             // the claim and the wait still wakes us.
             wake.borrow_and_update();
-            let jobs = ctx.call("claim", ctx.store.job_claim(&params)).await?;
+            let jobs = ctx.claim(&mut params).await?;
             if !jobs.is_empty() || Instant::now() >= deadline || ctx.shutdown.is_cancelled() {
                 for job in &jobs {
                     telemetry::claimed(&ctx.config.metric_labels, job);
@@ -570,8 +638,10 @@ impl WorkersApi {
     /// Heartbeat
     ///
     /// Extends the lease to `extend_seconds` from now (database clock) and says whether someone
-    /// asked to cancel the job. A stale token (the lease expired and was rescued or taken over,
-    /// or the job finished or does not exist): 409 `.../stale-lease`; stop working on the job.
+    /// asked to cancel the job. A lease past its end that no rescue has ended yet still holds and
+    /// is extended again (as complete, fail and snooze still apply to it). A stale token (the
+    /// lease was rescued, expired by an operator or taken over, or the job finished or does not
+    /// exist): 409 `.../stale-lease`; stop working on the job.
     #[oai(
         path = "/jobs/:id/heartbeat",
         method = "post",

@@ -1,7 +1,8 @@
-//! The front of every request: authentication, the body limit and timeout, the conversion of
-//! every error (the framework's own routing, method, parsing and content-type errors included)
-//! into an RFC 9457 problem with the right headers (`Retry-After` on 503, `WWW-Authenticate` on
-//! 401), and the request metrics (by method, route template and status).
+//! The front of every request: authentication, the checks of the headers the API reads
+//! (`headers.rs`), the body limit and timeout, the conversion of every error (the framework's own
+//! routing, method, parsing and content-type errors included) into an RFC 9457 problem with the
+//! right headers (`Retry-After` on 503, `WWW-Authenticate` on 401), and the request metrics (by
+//! method, route template and status).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,6 +13,7 @@ use poem::http::{HeaderValue, StatusCode};
 use poem::{Endpoint, IntoResponse, Request, Response};
 
 use crate::auth::{self, Refusal, Tokens};
+use crate::headers;
 use crate::problem::{PROBLEM_CONTENT_TYPE, Problem};
 use crate::telemetry::{self, RouteTable};
 
@@ -80,6 +82,10 @@ impl<E: Endpoint> Front<E> {
                     );
                 }
             }
+        }
+
+        if let Err(problem) = headers::check(req.headers()) {
+            return Ok(problem.into_http());
         }
 
         let too_large = || {

@@ -389,7 +389,8 @@ problem_responses! {
 }
 
 problem_responses! {
-    /// Errors of `POST /v1/jobs/{id}/cancel` and `POST /v1/jobs/{id}/retry`.
+    /// Errors of `POST /v1/jobs/{id}/cancel`, `POST /v1/jobs/{id}/retry` and
+    /// `POST /v1/jobs/{id}/expire-lease`.
     ActionError {
         /// The id is not an integer.
         BadRequest = 400;
@@ -398,7 +399,8 @@ problem_responses! {
         /// No job with this id.
         NotFound = 404;
         /// The job's state does not allow it (`.../illegal-transition`): cancelling a finished
-        /// job, retrying a job that is not `failed` or `cancelled`. Nothing changed.
+        /// job, retrying a job that is not `failed` or `cancelled`, expiring the lease of a job
+        /// that is not `running`. Nothing changed.
         Conflict = 409;
         /// The database is unavailable or did not answer in time; retry after `Retry-After` seconds.
         Unavailable = 503, header(name = "Retry-After", ty = "u64");

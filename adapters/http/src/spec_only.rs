@@ -60,6 +60,9 @@ impl JobStore for SpecOnlyStore {
     async fn job_redrive(&self, _: i64) -> StoreResult<Job> {
         absent()
     }
+    async fn job_expire_lease(&self, _: i64) -> StoreResult<Job> {
+        absent()
+    }
     async fn job_rescue_expired(&self, _: u32) -> StoreResult<Vec<Job>> {
         absent()
     }

@@ -194,6 +194,11 @@ impl JobStore for MemoryStore {
         self.state().rescue_expired(limit, now)
     }
 
+    async fn job_expire_lease(&self, id: i64) -> StoreResult<Job> {
+        let now = self.now();
+        self.state().expire_lease(id, now)
+    }
+
     async fn job_get(&self, id: i64) -> StoreResult<Job> {
         self.state().get(id)
     }

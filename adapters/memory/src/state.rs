@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 
 use chrono::{DateTime, SubsecRound, Utc};
-use faultline_ports::domain::{Event, Job, JobSpec, JobState, Limits, TransitionError};
+use faultline_ports::domain::{Event, EventKind, Job, JobSpec, JobState, Limits, TransitionError};
 
 use faultline_ports::{
     ClaimParams, EnqueueOutcome, Failure, HeartbeatOutcome, JobPage, LeaseRef, ListParams,
@@ -536,6 +536,39 @@ impl State {
             }
         }
         Ok(rescued)
+    }
+
+    /// An operator ends the running job's lease now, as its rescue would: the lease ends at
+    /// `now`, then `LeaseExpired` applies at `now`. Nothing changes when it is refused.
+    pub(crate) fn expire_lease(&mut self, id: i64, now: DateTime<Utc>) -> StoreResult<Job> {
+        let Some(stored) = self.jobs.get(&id) else {
+            return Err(StoreError::NotFound { id });
+        };
+        if stored.job.state != JobState::Running {
+            return Err(StoreError::IllegalTransition {
+                id,
+                from: stored.job.state,
+                event: EventKind::LeaseExpired,
+            });
+        }
+        let delay_ms = self
+            .policy_delay_ms(id, None)
+            .ok_or_else(|| internal(id, "vanished under the lock"))?;
+        let stored = self
+            .jobs
+            .get_mut(&id)
+            .ok_or_else(|| internal(id, "vanished under the lock"))?;
+        self.index.remove(&stored.job);
+        let mut next = stored.job.clone();
+        next.lease_expires_at = next.lease_expires_at.map(|end| end.min(now));
+        let result = next.apply(Event::LeaseExpired { now, delay_ms });
+        if result.is_ok() {
+            stored.job = next;
+        }
+        self.index.insert(&stored.job);
+        result
+            .map(|()| stored.job.clone())
+            .map_err(|err| translate(id, None, err))
     }
 
     pub(crate) fn get(&self, id: i64) -> StoreResult<Job> {

@@ -399,6 +399,32 @@ select ",
 /// The state of one job (to explain why a conditional update matched nothing).
 pub const STATE_OF: &str = "select state from faultline_jobs where id = $1";
 
+/// The `set` clause of a lease expiry (`Job::apply` with `LeaseExpired`, appended to the attempt
+/// history), shared by the rescue and the operator's "expire lease now": reads the expiry's "now"
+/// as `e.now` and the history length kept from `$3`.
+macro_rules! lease_expiry_set {
+    () => {
+        "set last_error = 'lease expired (worker ' || coalesce(j.lease_owner, '?')
+        || ', fencing token ' || j.fencing_token || ')',
+    errors = faultline_push_error(j.errors, jsonb_build_object(
+        'attempt', j.attempts, 'at', e.now, 'worker', j.lease_owner,
+        'fencing_token', j.fencing_token,
+        'error', 'lease expired (worker ' || coalesce(j.lease_owner, '?')
+            || ', fencing token ' || j.fencing_token || ')',
+        'kind', 'lease_expired'), $3::int4),
+    state = case
+        when j.cancel_requested then 'cancelled'
+        when j.attempts >= j.max_attempts then 'failed'
+        else 'queued' end,
+    finished_at = case when j.cancel_requested or j.attempts >= j.max_attempts then e.now end,
+    next_run_at = case when j.cancel_requested or j.attempts >= j.max_attempts then j.next_run_at
+        else e.now + faultline_backoff_ms(j.attempts, j.backoff_base_ms, j.backoff_cap_ms,
+            j.backoff_jitter, random()) * interval '1 millisecond' end,
+    lease_expires_at = null
+"
+    };
+}
+
 /// Ends expired leases as failed attempts (`Job::apply` with `LeaseExpired`, appended to the
 /// attempt history), earliest lease end first (the rescue index order): 1 limit, 2 clock,
 /// 3 history length kept. The update re-checks state, token and expiry,
@@ -417,27 +443,26 @@ expired as materialized (
     for update skip locked
 )
 update faultline_jobs j
-set last_error = 'lease expired (worker ' || coalesce(j.lease_owner, '?')
-        || ', fencing token ' || j.fencing_token || ')',
-    errors = faultline_push_error(j.errors, jsonb_build_object(
-        'attempt', j.attempts, 'at', e.now, 'worker', j.lease_owner,
-        'fencing_token', j.fencing_token,
-        'error', 'lease expired (worker ' || coalesce(j.lease_owner, '?')
-            || ', fencing token ' || j.fencing_token || ')',
-        'kind', 'lease_expired'), $3::int4),
-    state = case
-        when j.cancel_requested then 'cancelled'
-        when j.attempts >= j.max_attempts then 'failed'
-        else 'queued' end,
-    finished_at = case when j.cancel_requested or j.attempts >= j.max_attempts then e.now end,
-    next_run_at = case when j.cancel_requested or j.attempts >= j.max_attempts then j.next_run_at
-        else e.now + faultline_backoff_ms(j.attempts, j.backoff_base_ms, j.backoff_cap_ms,
-            j.backoff_jitter, random()) * interval '1 millisecond' end,
-    lease_expires_at = null
-from expired e
+",
+    lease_expiry_set!(),
+    "from expired e
 where j.id = e.id and j.state = e.st and j.fencing_token = e.fencing_token
   and j.lease_expires_at <= e.now
 returning e.lease_expires_at as rescued_lease_end, ",
+    job_columns!("j.")
+);
+
+/// An operator's "expire lease now" (`Job::apply` with `LeaseExpired` at now, the lease ending
+/// now): the rescue's lease expiry applied to one running job whatever its lease end: 1 id,
+/// 2 clock, 3 history length kept. No row: missing or not running.
+pub const EXPIRE_LEASE: &str = concat!(
+    "with clock as materialized (select coalesce($2::timestamptz, now()) as now)
+update faultline_jobs j
+",
+    lease_expiry_set!(),
+    "from clock e
+where j.id = $1 and j.state = 'running'
+returning ",
     job_columns!("j.")
 );
 
@@ -662,7 +687,7 @@ where last_seen_at < coalesce($2::timestamptz, now()) - $1::int8 * interval '1 m
 mod tests {
     use super::*;
 
-    const ALL: [&str; 31] = [
+    const ALL: [&str; 32] = [
         ENQUEUE_ONE,
         ENQUEUE_MANY_PLAIN,
         ENQUEUE_MANY_KEYED,
@@ -680,6 +705,7 @@ mod tests {
         REDRIVE,
         STATE_OF,
         RESCUE_EXPIRED,
+        EXPIRE_LEASE,
         GET,
         LIST,
         QUEUE_STATS,

@@ -506,23 +506,24 @@ impl PgStore {
             .bind(self.now()))
     }
 
-    /// Runs a conditional admin transition (`statement` binds the id and the clock). When it
-    /// matches nothing, reads the job to report `NotFound` or `IllegalTransition`; if the job is
-    /// meanwhile in a state `allowed_from`, tries again.
+    /// Runs a conditional admin transition (`statement` binds the id and the clock, and the
+    /// attempt history's length when `history`). When it matches nothing, reads the job to report
+    /// `NotFound` or `IllegalTransition`; if the job is meanwhile in a state `allowed_from`, tries
+    /// again.
     async fn transition(
         &self,
         id: i64,
         statement: &'static str,
+        history: bool,
         event: EventKind,
         allowed_from: &[JobState],
     ) -> StoreResult<Job> {
         for _ in 0..MAX_TRANSITION_ROUNDS {
-            let row = sqlx::query(statement)
-                .bind(id)
-                .bind(self.now())
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(backend)?;
+            let mut query = sqlx::query(statement).bind(id).bind(self.now());
+            if history {
+                query = query.bind(HISTORY);
+            }
+            let row = query.fetch_optional(&self.pool).await.map_err(backend)?;
             if let Some(row) = row {
                 return job_from_row(&row).map_err(backend);
             }
@@ -813,6 +814,7 @@ impl JobStore for PgStore {
         self.transition(
             id,
             sql::CANCEL,
+            false,
             EventKind::Cancel,
             &[JobState::Queued, JobState::Running],
         )
@@ -823,6 +825,7 @@ impl JobStore for PgStore {
         self.transition(
             id,
             sql::REDRIVE,
+            false,
             EventKind::Redrive,
             &[JobState::Failed, JobState::Cancelled],
         )
@@ -850,6 +853,17 @@ impl JobStore for PgStore {
             .map_err(backend)?;
         rescued.sort_by_key(|(lease_end, job)| (*lease_end, job.id));
         Ok(rescued.into_iter().map(|(_, job)| job).collect())
+    }
+
+    async fn job_expire_lease(&self, id: i64) -> StoreResult<Job> {
+        self.transition(
+            id,
+            sql::EXPIRE_LEASE,
+            true,
+            EventKind::LeaseExpired,
+            &[JobState::Running],
+        )
+        .await
     }
 
     async fn job_get(&self, id: i64) -> StoreResult<Job> {

@@ -1,5 +1,5 @@
-//! The operator commands: `faultline queue list | pause NAME | resume NAME` and
-//! `faultline worker list`. Each connects to the database at `--database-url` / `DATABASE_URL`
+//! The operator commands: `faultline queue list | pause NAME | resume NAME`,
+//! `faultline worker list` and `faultline job expire-lease ID`. Each connects to the database at `--database-url` / `DATABASE_URL`
 //! (and refuses an unmigrated one), asks the store, and prints a table or the queue's new state.
 
 use std::collections::BTreeMap;
@@ -9,8 +9,8 @@ use anyhow::Context;
 use chrono::{DateTime, SecondsFormat, Utc};
 use clap::error::ErrorKind;
 use clap::{ArgMatches, Args, Subcommand};
-use faultline_ports::domain::JobState;
-use faultline_ports::{JobStore, Leadership, ProcessInfo, QueueInfo, QueueStats};
+use faultline_ports::domain::{Job, JobState};
+use faultline_ports::{JobStore, Leadership, ProcessInfo, QueueInfo, QueueStats, StoreError};
 use faultline_postgres::PgStore;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -58,6 +58,34 @@ pub(crate) struct QueueName {
     /// The queue (created, as a row, if it has none yet).
     #[arg(value_name = "NAME")]
     pub(crate) name: String,
+
+    #[command(flatten)]
+    pub(crate) database: DatabaseArgs,
+}
+
+/// `faultline job`.
+#[derive(Debug, Args)]
+pub(crate) struct JobCommand {
+    #[command(subcommand)]
+    pub(crate) action: JobAction,
+}
+
+/// What `faultline job` does.
+#[derive(Debug, Subcommand)]
+pub(crate) enum JobAction {
+    /// End a running job's lease now, as if it had expired (for a lease whose holder vanished):
+    /// the attempt counts as failed (kind `lease_expired`); the job is retried after its backoff,
+    /// fails when its attempts are spent, or ends cancelled when a cancel was requested. The
+    /// holder's writes are refused from then on.
+    ExpireLease(JobId),
+}
+
+/// A job's id and the database.
+#[derive(Debug, Args)]
+pub(crate) struct JobId {
+    /// The job.
+    #[arg(value_name = "ID")]
+    pub(crate) id: i64,
 
     #[command(flatten)]
     pub(crate) database: DatabaseArgs,
@@ -144,6 +172,44 @@ async fn set_paused(args: QueueName, paused: bool) -> anyhow::Result<()> {
     })?;
     println!("{}", queue_state(&queue));
     Ok(())
+}
+
+/// Runs `faultline job ...`.
+pub(crate) async fn job(command: JobCommand) -> anyhow::Result<()> {
+    match command.action {
+        JobAction::ExpireLease(args) => {
+            let (store, pool) = connect(&args.database.database_url).await?;
+            let expired = store.job_expire_lease(args.id).await;
+            pool.close().await;
+            let job = match expired {
+                Ok(job) => job,
+                Err(StoreError::NotFound { id }) => anyhow::bail!("job {id} not found"),
+                Err(StoreError::IllegalTransition { id, from, .. }) => {
+                    anyhow::bail!("job {id} is {from}, not running: it holds no lease to expire")
+                }
+                Err(error) => {
+                    return Err(anyhow::Error::new(error))
+                        .with_context(|| format!("expire the lease of job {}", args.id));
+                }
+            };
+            println!("{}", expired_line(&job));
+        }
+    }
+    Ok(())
+}
+
+/// One line: the job after its lease was expired.
+fn expired_line(job: &Job) -> String {
+    let attempt = format!(
+        "job {}: lease expired, attempt {} of {} counted as failed",
+        job.id, job.attempts, job.max_attempts
+    );
+    match job.state {
+        JobState::Queued => format!("{attempt}; queued again, due {}", instant(job.next_run_at)),
+        JobState::Failed => format!("{attempt}; failed (no attempts left)"),
+        JobState::Cancelled => format!("{attempt}; cancelled (a cancel was requested)"),
+        other => format!("{attempt}; now {other}"),
+    }
 }
 
 /// Runs `faultline worker list`, on the database of `database_url`.

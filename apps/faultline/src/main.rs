@@ -1,6 +1,6 @@
 //! `faultline`: the command line of the Faultline job system: `migrate`, `worker`, `api`, `dev`,
-//! and the operator commands `queue` and `worker list`. Configuration (flags, environment) and
-//! telemetry (logging, the metrics exporter) are read and set up here only.
+//! and the operator commands `queue`, `worker list` and `job expire-lease`. Configuration (flags,
+//! environment) and telemetry (logging, the metrics exporter) are read and set up here only.
 
 mod admin;
 mod api;
@@ -50,6 +50,8 @@ enum Command {
     Dev(dev::DevCommand),
     /// List queues (paused or not, jobs per state), or pause or resume one.
     Queue(admin::QueueCommand),
+    /// Operator actions on one job (`job expire-lease ID`: end a vanished holder's lease now).
+    Job(admin::JobCommand),
 }
 
 #[derive(Debug, Args)]
@@ -78,6 +80,7 @@ fn main() -> ExitCode {
         Command::Api(args) => run_async(api::run(args)),
         Command::Dev(args) => run_async(dev::run(args)),
         Command::Queue(args) => run_async(admin::queue(args)),
+        Command::Job(args) => run_async(admin::job(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -362,3 +362,68 @@ async fn worker_list_shows_the_processes_and_marks_the_leader() {
         );
     }
 }
+
+#[tokio::test]
+async fn job_expire_lease_ends_a_lease_now_and_refuses_jobs_that_hold_none() {
+    let db = TestDb::fresh().await;
+    let store = PgStore::new(db.pool().clone());
+    let job = store
+        .job_enqueue(&JobSpec::new("noop", json!({})).queue("held"))
+        .await
+        .expect("enqueue")
+        .job;
+    let claim = ClaimParams {
+        queues: vec!["held".into()],
+        kinds: Vec::new(),
+        limit: 1,
+        lease_ms: 365 * 86_400_000,
+        worker_id: "vanished".into(),
+        claim_id: None,
+    };
+    let leased = store.job_claim(&claim).await.expect("claim");
+    assert_eq!(leased.len(), 1);
+    let id = job.id.to_string();
+
+    let printed = ok(&db, &["job", "expire-lease", &id]).await;
+    assert!(
+        printed.starts_with(&format!(
+            "job {id}: lease expired, attempt 1 of 25 counted as failed; queued again, due "
+        )),
+        "{printed}"
+    );
+    let expired = store.job_get(job.id).await.expect("get");
+    assert_eq!((expired.state, expired.attempts), (JobState::Queued, 1));
+    let entry = expired.errors.last().expect("an errors entry");
+    assert_eq!(entry.kind.to_string(), "lease_expired");
+    assert_eq!(entry.worker.as_deref(), Some("vanished"));
+    let lease = faultline_ports::LeaseRef::of(&leased[0]);
+    assert_eq!(
+        store
+            .job_heartbeat_many(&[lease], 30_000)
+            .await
+            .expect("heartbeat"),
+        [faultline_ports::HeartbeatOutcome::Lost],
+        "the holder is fenced off"
+    );
+
+    let refused = run(&["job", "expire-lease", &id], &[("DATABASE_URL", db.url())]).await;
+    assert_eq!(refused.code, Some(1), "{refused:?}");
+    assert!(
+        refused
+            .stderr
+            .contains(&format!("job {id} is queued, not running")),
+        "{refused:?}"
+    );
+    let unknown = run(
+        &["job", "expire-lease", "424242"],
+        &[("DATABASE_URL", db.url())],
+    )
+    .await;
+    assert_eq!(unknown.code, Some(1), "{unknown:?}");
+    assert!(
+        unknown.stderr.contains("job 424242 not found"),
+        "{unknown:?}"
+    );
+    let malformed = run(&["job", "expire-lease", "x"], &[("DATABASE_URL", db.url())]).await;
+    assert_eq!(malformed.code, Some(2), "{malformed:?}");
+}

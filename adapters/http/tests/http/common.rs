@@ -73,6 +73,16 @@ pub(crate) enum Mode {
     Fail = 1,
     /// Never answer.
     Hang = 2,
+    /// Claims apply in the inner store but never answer (a claim that commits after its caller
+    /// timed out); every other call passes.
+    LoseClaimAnswers = 3,
+    /// Claims apply in the inner store, then answer a backend error (the connection broke after
+    /// the commit); every other call passes.
+    FailAfterClaims = 4,
+    /// Claims never answer, and apply in the inner store only once
+    /// [`FaultyStore::commit_late_claims`] is called, whether or not their caller still waits (a
+    /// claim stuck behind a lock that commits after its caller gave up); every other call passes.
+    LateClaims = 5,
 }
 
 /// A store that passes calls to an in-memory store, or fails or hangs on demand, and counts claims.
@@ -80,6 +90,8 @@ pub(crate) struct FaultyStore {
     pub(crate) inner: MemoryStore,
     mode: AtomicU8,
     claims: watch::Sender<u64>,
+    releases: watch::Sender<u64>,
+    late_claims: Arc<tokio::sync::Semaphore>,
 }
 
 /// The backend error message, which must never reach a client.
@@ -91,6 +103,8 @@ impl FaultyStore {
             inner,
             mode: AtomicU8::new(Mode::Pass as u8),
             claims: watch::channel(0).0,
+            releases: watch::channel(0).0,
+            late_claims: Arc::new(tokio::sync::Semaphore::new(0)),
         }
     }
 
@@ -103,9 +117,19 @@ impl FaultyStore {
         self.claims.subscribe()
     }
 
+    /// Changes after every `job_release_claim` call (the value counts them).
+    pub(crate) fn releases(&self) -> watch::Receiver<u64> {
+        self.releases.subscribe()
+    }
+
+    /// Lets the claims held back by [`Mode::LateClaims`] apply.
+    pub(crate) fn commit_late_claims(&self) {
+        self.late_claims.add_permits(1_000);
+    }
+
     async fn gate(&self) -> StoreResult<()> {
         match self.mode.load(Ordering::SeqCst) {
-            0 => Ok(()),
+            0 | 3..=5 => Ok(()),
             1 => Err(StoreError::Backend(SECRET_BACKEND_MESSAGE.into())),
             _ => std::future::pending().await,
         }
@@ -124,13 +148,28 @@ impl JobStore for FaultyStore {
     }
     async fn job_claim(&self, params: &ClaimParams) -> StoreResult<Vec<Job>> {
         self.gate().await?;
+        if self.mode.load(Ordering::SeqCst) == Mode::LateClaims as u8 {
+            let (inner, params, gate) =
+                (self.inner.clone(), params.clone(), self.late_claims.clone());
+            tokio::spawn(async move {
+                let _permit = gate.acquire().await;
+                let _ = inner.job_claim(&params).await;
+            });
+            return std::future::pending().await;
+        }
         let jobs = self.inner.job_claim(params).await;
         self.claims.send_modify(|n| *n += 1);
-        jobs
+        match self.mode.load(Ordering::SeqCst) {
+            3 => std::future::pending().await,
+            4 => Err(StoreError::Backend(SECRET_BACKEND_MESSAGE.into())),
+            _ => jobs,
+        }
     }
     async fn job_release_claim(&self, claim_id: i64) -> StoreResult<u64> {
         self.gate().await?;
-        self.inner.job_release_claim(claim_id).await
+        let released = self.inner.job_release_claim(claim_id).await;
+        self.releases.send_modify(|n| *n += 1);
+        released
     }
     async fn job_heartbeat_many(
         &self,
@@ -170,6 +209,10 @@ impl JobStore for FaultyStore {
     async fn job_rescue_expired(&self, limit: u32) -> StoreResult<Vec<Job>> {
         self.gate().await?;
         self.inner.job_rescue_expired(limit).await
+    }
+    async fn job_expire_lease(&self, id: i64) -> StoreResult<Job> {
+        self.gate().await?;
+        self.inner.job_expire_lease(id).await
     }
     async fn job_get(&self, id: i64) -> StoreResult<Job> {
         self.gate().await?;

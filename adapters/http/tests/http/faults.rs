@@ -1,9 +1,12 @@
 //! A failing or hanging database: 503 with `Retry-After` and a problem that does not leak the
-//! backend's message, on every operation; `/health` says what is down; the process stays up.
+//! backend's message, on every operation; `/health` says what is down; the process stays up. A
+//! lease request answered 503 costs no attempt: whatever its claim leased is given back.
 
 use std::time::Duration;
 
 use faultline_http::{ApiConfig, problem_types as types};
+use faultline_ports::JobStore;
+use faultline_ports::domain::{Job, JobState};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -27,6 +30,7 @@ async fn every_operation(h: &Harness, id: i64, token: i64) -> Vec<(String, Reply
         ("GET", "/v1/jobs".into(), None),
         ("POST", format!("/v1/jobs/{id}/cancel"), None),
         ("POST", format!("/v1/jobs/{id}/retry"), None),
+        ("POST", format!("/v1/jobs/{id}/expire-lease"), None),
         ("GET", "/v1/queues".into(), None),
         ("POST", "/v1/queues/q/pause".into(), None),
         ("POST", "/v1/queues/q/resume".into(), None),
@@ -177,4 +181,78 @@ async fn health_is_503_when_the_database_hangs() {
         reply.json["detail"],
         "the database did not answer within 3 s"
     );
+}
+
+/// Polls the inner store until job `id` satisfies `done`; returns it.
+async fn wait_for_job(h: &Harness, id: i64, what: &str, done: impl Fn(&Job) -> bool) -> Job {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let job = h.store.inner.job_get(id).await.expect("job");
+        if done(&job) {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "job {id} is not {what}: {job:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A job of queue `q` with one attempt, whose lease request gets 503 in `mode` although its claim
+/// applied (or will): the job is given back, attempt returned, and is then leased as attempt 1.
+async fn lost_lease_answer_costs_no_attempt(mode: Mode) {
+    let h = Harness::with_config(ApiConfig {
+        request_timeout: Duration::from_millis(200),
+        ..ApiConfig::default()
+    });
+    let job = h
+        .enqueue(json!({"kind": "k", "queue": "q", "payload": 1, "max_attempts": 1}))
+        .await;
+    let id = job["id"].as_i64().expect("id");
+    h.store.set_mode(mode);
+    let mut releases = h.store.releases();
+    let reply = h
+        .post(
+            "/v1/leases",
+            json!({"worker_id": "w", "queues": ["q"], "lease_seconds": 30}),
+        )
+        .await;
+    reply.assert_problem(503, types::STORAGE_UNAVAILABLE);
+    if mode == Mode::LateClaims {
+        // The claim commits only after the request gave up and a first give-back found nothing.
+        tokio::time::timeout(Duration::from_secs(20), releases.changed())
+            .await
+            .expect("no give-back call within 20 s")
+            .expect("a give-back call");
+        assert_eq!(
+            h.store.inner.job_get(id).await.expect("job").state,
+            JobState::Queued
+        );
+        h.store.commit_late_claims();
+        wait_for_job(&h, id, "leased late", |job| job.state == JobState::Running).await;
+    }
+    let back = wait_for_job(&h, id, "given back", |job| job.state == JobState::Queued).await;
+    assert_eq!(back.attempts, 0, "the attempt was returned: {back:?}");
+    assert!(back.errors.is_empty(), "{back:?}");
+    assert_eq!(back.fencing_token, 1, "the lost lease stays fenced off");
+
+    h.store.set_mode(Mode::Pass);
+    let leased = h.lease_one("q").await;
+    assert_eq!(
+        (leased["id"].as_i64(), leased["attempt"].as_i64()),
+        (Some(id), Some(1))
+    );
+}
+
+#[tokio::test]
+async fn a_lease_request_that_timed_out_after_its_claim_committed_costs_no_attempt() {
+    lost_lease_answer_costs_no_attempt(Mode::LoseClaimAnswers).await;
+}
+
+#[tokio::test]
+async fn a_lease_request_whose_claim_failed_after_committing_costs_no_attempt() {
+    lost_lease_answer_costs_no_attempt(Mode::FailAfterClaims).await;
+}
+
+#[tokio::test]
+async fn a_lease_request_whose_claim_commits_after_the_503_costs_no_attempt() {
+    lost_lease_answer_costs_no_attempt(Mode::LateClaims).await;
 }

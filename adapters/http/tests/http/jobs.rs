@@ -484,3 +484,53 @@ async fn queues_report_counts_by_state_and_the_oldest_ready_age() {
     assert!(queues[1]["oldest_ready_at"].is_null());
     assert!(queues[1]["oldest_ready_age_seconds"].is_null());
 }
+
+#[tokio::test]
+async fn expire_lease_ends_a_running_lease_now_and_fences_its_holder() {
+    let h = Harness::new();
+    h.enqueue(json!({"kind": "k", "queue": "x", "payload": 1, "max_attempts": 2}))
+        .await;
+    let leased = h.lease_one("x").await;
+    let id = leased["id"].clone();
+    let expired = h.post_empty(&format!("/v1/jobs/{id}/expire-lease")).await;
+    let expired = expired.assert_status(200);
+    assert_eq!(expired["state"], "queued", "{expired}");
+    assert_eq!(expired["attempts"], 1, "the attempt counts: {expired}");
+    assert!(expired["lease_expires_at"].is_null(), "{expired}");
+    let errors = expired["errors"].as_array().expect("errors");
+    assert_eq!(errors.len(), 1, "{expired}");
+    assert_eq!(errors[0]["kind"], "lease_expired");
+    assert_eq!(errors[0]["worker"], "w1");
+    assert_eq!(errors[0]["fencing_token"], leased["lease_token"]);
+
+    // The holder's next heartbeat is refused: it stops.
+    h.post(
+        &format!("/v1/jobs/{id}/heartbeat"),
+        json!({"lease_token": leased["lease_token"], "extend_seconds": 10}),
+    )
+    .await
+    .assert_problem(409, types::STALE_LEASE);
+    // Not running any more: nothing to expire.
+    let detail = h
+        .post_empty(&format!("/v1/jobs/{id}/expire-lease"))
+        .await
+        .assert_problem(409, types::ILLEGAL_TRANSITION);
+    assert!(detail.contains("queued"), "{detail}");
+    // The last attempt: expiring its lease fails the job.
+    h.clock.advance_ms(60_000);
+    let again = h.lease_one("x").await;
+    assert_eq!(again["attempt"], 2);
+    let failed = h.post_empty(&format!("/v1/jobs/{id}/expire-lease")).await;
+    assert_eq!(failed.assert_status(200)["state"], "failed");
+
+    h.post_empty("/v1/jobs/424242/expire-lease")
+        .await
+        .assert_problem(404, types::JOB_NOT_FOUND);
+    h.post_empty("/v1/jobs/abc/expire-lease")
+        .await
+        .assert_problem(400, types::BAD_REQUEST);
+    h.store.set_mode(crate::common::Mode::Fail);
+    let reply = h.post_empty(&format!("/v1/jobs/{id}/expire-lease")).await;
+    reply.assert_problem(503, types::STORAGE_UNAVAILABLE);
+    assert!(reply.header("retry-after").is_some(), "{reply:?}");
+}

@@ -7,6 +7,7 @@ mod auth;
 mod common;
 mod errors;
 mod faults;
+mod headers;
 mod jobs;
 mod metrics;
 mod openapi;
