@@ -21,8 +21,9 @@ pub use fleet::{ElectParams, Leadership, ProcessInfo, ProcessSpec, QueueInfo, Qu
 #[cfg(feature = "mock")]
 pub use store::MockJobStore;
 pub use store::{
-    ClaimParams, EnqueueOutcome, Enqueued, Failure, HeartbeatOutcome, JobPage, JobStore, LeaseRef,
-    ListParams, PruneParams, QueueBacklog, QueueStats, StoreError, StoreResult, WriteOutcome,
+    ClaimParams, EnqueueOutcome, Enqueued, FailOutcome, Failure, HeartbeatOutcome, JobPage,
+    JobStore, LeaseRef, ListParams, PruneParams, QueueBacklog, QueueStats, StoreError, StoreResult,
+    WriteOutcome,
 };
 
 pub use telemetry::LabelGuard;

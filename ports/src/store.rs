@@ -109,6 +109,19 @@ pub enum WriteOutcome {
     Stale,
 }
 
+/// The result of one item of [`JobStore::job_fail_many`], in input order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailOutcome {
+    /// The failure applied; the job is now in `state` (`queued` for a retry, `failed`, or
+    /// `cancelled` when a cancel was requested).
+    Applied {
+        /// The job's state after the failure.
+        state: JobState,
+    },
+    /// The lease was no longer held; nothing changed.
+    Stale,
+}
+
 /// A failed attempt, as reported by its lease holder.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Failure {
@@ -303,7 +316,7 @@ pub trait JobStore: Send + Sync + 'static {
     async fn job_fail_many(
         &self,
         failures: &[(LeaseRef, Failure)],
-    ) -> StoreResult<Vec<WriteOutcome>>;
+    ) -> StoreResult<Vec<FailOutcome>>;
 
     /// Puts a leased job back for `delay_ms` without using up its attempt.
     async fn job_snooze(&self, lease: LeaseRef, delay_ms: i64) -> StoreResult<Job>;

@@ -365,7 +365,7 @@ pub(crate) async fn expect_every_write_stale(f: &Fixture, lease: LeaseRef) {
             .job_fail_many(&[(lease, failure("late", true, None))])
             .await
             .expect("fail many"),
-        vec![WriteOutcome::Stale],
+        vec![faultline_ports::FailOutcome::Stale],
         "batch fail of {lease:?}"
     );
 }

@@ -26,8 +26,8 @@ use faultline_domain::{
 };
 use faultline_memory::MemoryStore;
 use faultline_ports::{
-    ClaimParams, EnqueueOutcome, Enqueued, Failure, HeartbeatOutcome, JobStore, LeaseRef,
-    ListParams, ManualClock, StoreError, WriteOutcome,
+    ClaimParams, EnqueueOutcome, Enqueued, FailOutcome, Failure, HeartbeatOutcome, JobStore,
+    LeaseRef, ListParams, ManualClock, StoreError, WriteOutcome,
 };
 use faultline_postgres::PgStore;
 use proptest::collection::vec;
@@ -980,7 +980,7 @@ async fn run_step(
                     (model.lease(*pick), failure)
                 })
                 .collect();
-            let got: Result<Vec<WriteOutcome>, Refusal> =
+            let got: Result<Vec<FailOutcome>, Refusal> =
                 store.job_fail_many(&batch).await.map_err(Refusal::from);
             let mut expected = Vec::new();
             for (lease, failure) in &batch {
@@ -1003,8 +1003,8 @@ async fn run_step(
                     }
                 });
                 expected.push(match applied {
-                    Ok(_) => WriteOutcome::Accepted,
-                    Err(_) => WriteOutcome::Stale,
+                    Ok(job) => FailOutcome::Applied { state: job.state },
+                    Err(_) => FailOutcome::Stale,
                 });
             }
             let line = format!("fail_many {items:?} -> {got:?}");

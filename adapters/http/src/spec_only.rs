@@ -3,8 +3,8 @@
 
 use faultline_ports::domain::{Job, JobSpec};
 use faultline_ports::{
-    ClaimParams, ElectParams, EnqueueOutcome, Enqueued, Failure, HeartbeatOutcome, JobPage,
-    JobStore, Leadership, LeaseRef, ListParams, ProcessInfo, ProcessSpec, PruneParams,
+    ClaimParams, ElectParams, EnqueueOutcome, Enqueued, FailOutcome, Failure, HeartbeatOutcome,
+    JobPage, JobStore, Leadership, LeaseRef, ListParams, ProcessInfo, ProcessSpec, PruneParams,
     QueueBacklog, QueueInfo, QueueStats, StoreError, StoreResult, WriteOutcome,
 };
 use serde_json::Value;
@@ -81,7 +81,7 @@ impl JobStore for SpecOnlyStore {
     async fn job_prune(&self, _: &PruneParams) -> StoreResult<u64> {
         absent()
     }
-    async fn job_fail_many(&self, _: &[(LeaseRef, Failure)]) -> StoreResult<Vec<WriteOutcome>> {
+    async fn job_fail_many(&self, _: &[(LeaseRef, Failure)]) -> StoreResult<Vec<FailOutcome>> {
         absent()
     }
     async fn queue_list(&self) -> StoreResult<Vec<QueueInfo>> {

@@ -18,9 +18,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use faultline_ports::domain::{Job, JobSpec};
 use faultline_ports::{
-    ClaimParams, Clock, ElectParams, EnqueueOutcome, Enqueued, Failure, HeartbeatOutcome, JobPage,
-    JobStore, Leadership, LeaseRef, ListParams, ProcessInfo, ProcessSpec, PruneParams,
-    QueueBacklog, QueueInfo, QueueStats, StoreResult, SystemClock, WriteOutcome,
+    ClaimParams, Clock, ElectParams, EnqueueOutcome, Enqueued, FailOutcome, Failure,
+    HeartbeatOutcome, JobPage, JobStore, Leadership, LeaseRef, ListParams, ProcessInfo,
+    ProcessSpec, PruneParams, QueueBacklog, QueueInfo, QueueStats, StoreResult, SystemClock,
+    WriteOutcome,
 };
 use serde_json::Value;
 use tokio::sync::watch;
@@ -167,7 +168,7 @@ impl JobStore for MemoryStore {
     async fn job_fail_many(
         &self,
         failures: &[(LeaseRef, Failure)],
-    ) -> StoreResult<Vec<WriteOutcome>> {
+    ) -> StoreResult<Vec<FailOutcome>> {
         let now = self.now();
         self.state().fail_many(failures, now)
     }

@@ -9,8 +9,8 @@ use chrono::{DateTime, SubsecRound, Utc};
 use faultline_ports::domain::{Event, EventKind, Job, JobSpec, JobState, Limits, TransitionError};
 
 use faultline_ports::{
-    ClaimParams, EnqueueOutcome, Failure, HeartbeatOutcome, JobPage, LeaseRef, ListParams,
-    PruneParams, QueueBacklog, QueueStats, StoreError, StoreResult, WriteOutcome,
+    ClaimParams, EnqueueOutcome, FailOutcome, Failure, HeartbeatOutcome, JobPage, LeaseRef,
+    ListParams, PruneParams, QueueBacklog, QueueStats, StoreError, StoreResult, WriteOutcome,
 };
 use serde_json::Value;
 
@@ -473,15 +473,15 @@ impl State {
         &mut self,
         failures: &[(LeaseRef, Failure)],
         now: DateTime<Utc>,
-    ) -> StoreResult<Vec<WriteOutcome>> {
+    ) -> StoreResult<Vec<FailOutcome>> {
         for (_, failure) in failures {
             failure.validate()?;
         }
         let mut outcomes = Vec::with_capacity(failures.len());
         for (lease, failure) in failures {
             outcomes.push(match self.fail(*lease, failure, now) {
-                Ok(_) => WriteOutcome::Accepted,
-                Err(StoreError::StaleLease { .. }) => WriteOutcome::Stale,
+                Ok(job) => FailOutcome::Applied { state: job.state },
+                Err(StoreError::StaleLease { .. }) => FailOutcome::Stale,
                 Err(err) => return Err(err),
             });
         }

@@ -9,9 +9,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use faultline_domain::{AttemptError, EventKind, Job, JobSpec, JobState, Limits};
 use faultline_ports::{
-    ClaimParams, Clock, ElectParams, EnqueueOutcome, Enqueued, Failure, HeartbeatOutcome, JobPage,
-    JobStore, Leadership, LeaseRef, ListParams, ProcessInfo, ProcessSpec, PruneParams,
-    QueueBacklog, QueueInfo, QueueStats, StoreError, StoreResult, WriteOutcome,
+    ClaimParams, Clock, ElectParams, EnqueueOutcome, Enqueued, FailOutcome, Failure,
+    HeartbeatOutcome, JobPage, JobStore, Leadership, LeaseRef, ListParams, ProcessInfo,
+    ProcessSpec, PruneParams, QueueBacklog, QueueInfo, QueueStats, StoreError, StoreResult,
+    WriteOutcome,
 };
 use faultline_ports::{
     validate_extend_ms, validate_process, validate_queue_name, validate_result, validate_snooze_ms,
@@ -762,7 +763,7 @@ impl JobStore for PgStore {
     async fn job_fail_many(
         &self,
         failures: &[(LeaseRef, Failure)],
-    ) -> StoreResult<Vec<WriteOutcome>> {
+    ) -> StoreResult<Vec<FailOutcome>> {
         for (_, failure) in failures {
             failure.validate()?;
         }
@@ -786,22 +787,20 @@ impl JobStore for PgStore {
             .fetch_all(&self.pool)
             .await
             .map_err(backend)?;
-        let mut accepted: HashSet<LeaseRef> = HashSet::with_capacity(rows.len());
+        let mut applied: HashMap<LeaseRef, JobState> = HashMap::with_capacity(rows.len());
         for row in rows {
-            accepted.insert(LeaseRef {
+            let lease = LeaseRef {
                 job_id: row.try_get("id").map_err(backend)?,
                 token: row.try_get("fencing_token").map_err(backend)?,
-            });
+            };
+            applied.insert(lease, state_from_row(&row, "state").map_err(backend)?);
         }
         Ok(failures
             .iter()
             .zip(first)
-            .map(|((lease, _), is_first)| {
-                if is_first && accepted.contains(lease) {
-                    WriteOutcome::Accepted
-                } else {
-                    WriteOutcome::Stale
-                }
+            .map(|((lease, _), is_first)| match applied.get(lease) {
+                Some(&state) if is_first => FailOutcome::Applied { state },
+                _ => FailOutcome::Stale,
             })
             .collect())
     }

@@ -18,8 +18,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use faultline_domain::{FailureKind, Job, JobState, Limits};
 use faultline_ports::{
-    ClaimParams, Failure, HeartbeatOutcome, JobStore, LabelGuard, LeaseRef, MAX_CLAIM_LIMIT,
-    StoreError, StoreResult, WriteOutcome,
+    ClaimParams, FailOutcome, Failure, HeartbeatOutcome, JobStore, LabelGuard, LeaseRef,
+    MAX_CLAIM_LIMIT, StoreError, StoreResult, WriteOutcome,
 };
 use serde_json::Value;
 use tokio::sync::watch;
@@ -942,8 +942,19 @@ impl<S: JobStore> Worker<S> {
         true
     }
 
+    /// Writes failures and snoozes in queue order: consecutive failures in one statement
+    /// (`job_fail_many`, up to `completion_batch_size`), snoozes one call each.
     async fn write_others(&mut self) -> bool {
-        while let Some((lease, write)) = self.others.pop_front() {
+        while let Some((_, front)) = self.others.front() {
+            if matches!(front, Write::Fail(_)) {
+                if !self.write_failures().await {
+                    return false;
+                }
+                continue;
+            }
+            let Some((lease, write)) = self.others.pop_front() else {
+                break;
+            };
             let result = match &write {
                 Write::Fail(failure) => {
                     self.call("fail", self.store.job_fail(lease, failure)).await
@@ -977,6 +988,61 @@ impl<S: JobStore> Worker<S> {
                     return false;
                 }
                 Err(_) => self.refused(lease),
+            }
+        }
+        true
+    }
+
+    /// Writes the failures at the front of the queue, up to a batch, in one statement; `false`
+    /// when the store could not be reached (they are pending again, first in line).
+    async fn write_failures(&mut self) -> bool {
+        let mut batch: Vec<(LeaseRef, Failure)> = Vec::new();
+        while batch.len() < self.config.completion_batch_size
+            && matches!(self.others.front(), Some((_, Write::Fail(_))))
+        {
+            if let Some((lease, Write::Fail(failure))) = self.others.pop_front() {
+                batch.push((lease, failure));
+            }
+        }
+        let result = self
+            .call("fail", self.store.job_fail_many(&batch))
+            .await
+            .and_then(|outcomes| {
+                if outcomes.len() == batch.len() {
+                    Ok(outcomes)
+                } else {
+                    Err(StoreError::Backend(
+                        format!("{} outcomes for {} failures", outcomes.len(), batch.len()).into(),
+                    ))
+                }
+            });
+        match result {
+            Ok(outcomes) => {
+                for ((lease, _), outcome) in batch.iter().zip(outcomes) {
+                    match outcome {
+                        FailOutcome::Applied { state } => {
+                            let counter = match state {
+                                JobState::Cancelled => Counter::cancelled,
+                                JobState::Failed => Counter::failed,
+                                _ => Counter::retried,
+                            };
+                            self.resolved(*lease, counter);
+                        }
+                        FailOutcome::Stale => self.stale(*lease, "fail"),
+                    }
+                }
+            }
+            Err(StoreError::Backend(_)) => {
+                for (lease, failure) in batch.into_iter().rev() {
+                    self.write_failed(lease);
+                    self.others.push_front((lease, Write::Fail(failure)));
+                }
+                return false;
+            }
+            Err(_) => {
+                for (lease, _) in batch {
+                    self.refused(lease);
+                }
             }
         }
         true

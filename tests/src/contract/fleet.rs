@@ -3,7 +3,7 @@
 
 use faultline_domain::{AttemptError, Event, FailureKind, JobSpec, JobState};
 use faultline_ports::{
-    ClaimParams, ElectParams, Failure, LeaseRef, ProcessSpec, QueueSlots, WriteOutcome,
+    ClaimParams, ElectParams, FailOutcome, Failure, LeaseRef, ProcessSpec, QueueSlots,
 };
 use serde_json::json;
 
@@ -148,10 +148,14 @@ pub async fn fail_many_reports_per_item_outcomes(f: Fixture) {
     assert_eq!(
         outcomes,
         [
-            WriteOutcome::Accepted,
-            WriteOutcome::Stale,
-            WriteOutcome::Accepted,
-            WriteOutcome::Stale
+            FailOutcome::Applied {
+                state: JobState::Failed
+            },
+            FailOutcome::Stale,
+            FailOutcome::Applied {
+                state: JobState::Queued
+            },
+            FailOutcome::Stale
         ]
     );
     let now = f.now();

@@ -9,9 +9,9 @@ use faultline_http::{ApiConfig, HealthCheck, PROBLEM_CONTENT_TYPE, StoreHealth};
 use faultline_memory::MemoryStore;
 use faultline_ports::domain::{Job, JobSpec};
 use faultline_ports::{
-    ClaimParams, ElectParams, EnqueueOutcome, Enqueued, Failure, HeartbeatOutcome, JobPage,
-    JobStore, Leadership, LeaseRef, ListParams, ManualClock, ProcessInfo, ProcessSpec, PruneParams,
-    QueueBacklog, QueueInfo, QueueStats, StoreError, StoreResult, WriteOutcome,
+    ClaimParams, ElectParams, EnqueueOutcome, Enqueued, FailOutcome, Failure, HeartbeatOutcome,
+    JobPage, JobStore, Leadership, LeaseRef, ListParams, ManualClock, ProcessInfo, ProcessSpec,
+    PruneParams, QueueBacklog, QueueInfo, QueueStats, StoreError, StoreResult, WriteOutcome,
 };
 use poem::endpoint::BoxEndpoint;
 use poem::http::{HeaderMap, Method, StatusCode};
@@ -237,7 +237,7 @@ impl JobStore for FaultyStore {
     async fn job_fail_many(
         &self,
         failures: &[(LeaseRef, Failure)],
-    ) -> StoreResult<Vec<WriteOutcome>> {
+    ) -> StoreResult<Vec<FailOutcome>> {
         self.gate().await?;
         self.inner.job_fail_many(failures).await
     }

@@ -325,3 +325,53 @@ async fn a_busy_worker_claims_nothing_until_a_slot_frees() {
     stop.cancel();
     running.await.unwrap();
 }
+
+#[tokio::test]
+async fn failures_of_one_step_are_written_in_one_statement() {
+    let mut store = MockJobStore::new();
+    store.expect_job_claim().times(1).returning(|_| {
+        Ok((1..=3)
+            .map(|id| running_job(id, "boom", t0()))
+            .collect::<Vec<_>>())
+    });
+    store
+        .expect_job_fail_many()
+        .times(1)
+        .withf(|batch| {
+            batch.len() == 3 && batch.iter().all(|(_, f)| f.retryable && f.error == "no")
+        })
+        .returning(|batch| {
+            Ok(batch
+                .iter()
+                .map(|(lease, _)| match lease.job_id {
+                    1 => faultline_ports::FailOutcome::Applied {
+                        state: faultline_ports::domain::JobState::Queued,
+                    },
+                    2 => faultline_ports::FailOutcome::Applied {
+                        state: faultline_ports::domain::JobState::Failed,
+                    },
+                    _ => faultline_ports::FailOutcome::Stale,
+                })
+                .collect())
+        });
+    store.expect_job_fail().never();
+    let mut registry = Registry::new();
+    registry.register(
+        "boom",
+        handler(|_| async {
+            Outcome::Retry {
+                error: "no".into(),
+                delay: None,
+            }
+        }),
+    );
+    let mut worker = Worker::new(Arc::new(store), registry, config("w1")).unwrap();
+    let report = worker.run_once().await.unwrap();
+    assert_eq!(report.claimed, 3);
+    let counts = report.counts;
+    assert_eq!(
+        (counts.retried, counts.failed, counts.stale_writes_rejected),
+        (1, 1, 1)
+    );
+    assert_eq!((report.pending_writes, worker.leases_held()), (0, 0));
+}
