@@ -225,11 +225,12 @@ impl JobSpec {
             });
         }
         if let Some(at) = self.run_at
-            && !(1..=9999).contains(&at.year())
+            && !(1970..=9999).contains(&at.year())
         {
             return Err(SpecError::OutOfRange {
                 field: "run_at",
-                detail: "must be within the years 1 to 9999".into(),
+                detail: "must be between 1970-01-01T00:00:00Z and 9999-12-31T23:59:59.999999Z"
+                    .into(),
             });
         }
         if self.run_at.is_some() && self.delay_ms.is_some() {
@@ -384,5 +385,37 @@ mod tests {
                 "{err:?} should start with {expected:?}"
             );
         }
+    }
+    #[test]
+    fn run_at_is_bounded_to_1970_through_9999() {
+        let at = |s: &str| JobSpec {
+            run_at: Some(s.parse().expect("a valid instant")),
+            ..JobSpec::new("k", json!({}))
+        };
+        for fine in [
+            "1970-01-01T00:00:00Z",
+            "2026-06-01T12:00:00Z",
+            "9999-12-31T23:59:59.999999Z",
+        ] {
+            assert_eq!(at(fine).validate(), Ok(()), "{fine}");
+        }
+        // Year 1 would be storable, but it is no sane schedule (and it made the wait metrics
+        // report about 6.4e10 s); year 10000 and later cannot be written as RFC 3339.
+        for refused in [
+            "0001-01-01T00:00:00Z",
+            "1969-12-31T23:59:59.999Z",
+            "+10000-01-01T00:00:00Z",
+        ] {
+            let err = at(refused).validate().expect_err(refused).to_string();
+            assert!(err.starts_with("run_at must be between 1970"), "{err}");
+        }
+        let min = DateTime::<Utc>::MIN_UTC;
+        let err = JobSpec {
+            run_at: Some(min),
+            ..JobSpec::new("k", json!({}))
+        }
+        .validate()
+        .expect_err("the earliest instant chrono knows");
+        assert!(err.to_string().starts_with("run_at must be between"));
     }
 }

@@ -576,7 +576,11 @@ impl WorkersApi {
     /// failed attempt and the job is retried with backoff. With `wait_seconds`, the request
     /// waits (at most 30 s) until a job is due, woken by new jobs, and otherwise answers with an
     /// empty list. A 503 costs no attempt: jobs its claim leased anyway (committed after the
-    /// timeout, or before a broken connection) are given back, attempt returned.
+    /// timeout, or before a broken connection) are given back, attempt returned. Known limit: the
+    /// server does not notice a client that closed its connection during the wait, so such a
+    /// request may still lease jobs, which stay leased until `lease_seconds` end (then the
+    /// attempt counts as failed); long-polling clients should ask for short leases and extend
+    /// them by heartbeat.
     #[oai(path = "/leases", method = "post", operation_id = "lease_jobs")]
     async fn lease_jobs(
         &self,

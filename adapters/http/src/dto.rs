@@ -142,6 +142,109 @@ impl From<Text> for String {
     }
 }
 
+/// A job's `run_at` (the only instant the API reads): an RFC 3339 date-time, read strictly: `YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)` and nothing
+/// else. chrono's own parser (what poem-openapi uses for `DateTime`) also takes surrounding
+/// spaces, a space or lowercase `t` as the separator, signed and longer years (`+002024`) and
+/// the leap second `:60`; none of these is refused by a typical client library, so accepting them
+/// would only hide a client's bug. Errors name the field (poem's parse errors do not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RunAt(pub(crate) DateTime<Utc>);
+
+impl RunAt {
+    /// Parses `text` strictly (see [`RunAt`]); the error says what is wrong, in words.
+    pub(crate) fn parse_strict(text: &str) -> Result<RunAt, String> {
+        const SHAPE: &str = "run_at must be an RFC 3339 date-time such as 2026-01-31T09:30:00Z \
+                             (4-digit year, `T` separator, `Z` or a ±HH:MM offset, no spaces)";
+        let b = text.as_bytes();
+        let digits = |range: std::ops::Range<usize>| {
+            b.get(range.clone())
+                .is_some_and(|d| d.len() == range.len() && d.iter().all(u8::is_ascii_digit))
+        };
+        let shape_ok = b.len() >= 20
+            && digits(0..4)
+            && b[4] == b'-'
+            && digits(5..7)
+            && b[7] == b'-'
+            && digits(8..10)
+            && b[10] == b'T'
+            && digits(11..13)
+            && b[13] == b':'
+            && digits(14..16)
+            && b[16] == b':'
+            && digits(17..19);
+        if !shape_ok {
+            return Err(SHAPE.into());
+        }
+        let mut rest = 19;
+        if b.get(rest) == Some(&b'.') {
+            let end = b[rest + 1..]
+                .iter()
+                .position(|c| !c.is_ascii_digit())
+                .map_or(b.len(), |n| rest + 1 + n);
+            if end == rest + 1 || end - rest - 1 > 9 {
+                return Err(SHAPE.into());
+            }
+            rest = end;
+        }
+        let offset_ok = match &b[rest..] {
+            [b'Z'] => true,
+            [b'+' | b'-', ..] => {
+                b.len() == rest + 6
+                    && digits(rest + 1..rest + 3)
+                    && b[rest + 3] == b':'
+                    && digits(rest + 4..rest + 6)
+            }
+            _ => false,
+        };
+        if !offset_ok {
+            return Err(SHAPE.into());
+        }
+        if &b[17..19] == b"60" {
+            return Err("run_at must not be a leap second (:60)".into());
+        }
+        DateTime::parse_from_rfc3339(text)
+            .map(|at| RunAt(at.with_timezone(&Utc)))
+            .map_err(|err| format!("run_at is not a valid date-time: {err}"))
+    }
+}
+
+impl Type for RunAt {
+    const IS_REQUIRED: bool = true;
+    type RawValueType = Self;
+    type RawElementValueType = Self;
+
+    fn name() -> Cow<'static, str> {
+        "string_date-time".into()
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        MetaSchemaRef::Inline(Box::new(MetaSchema::new_with_format("string", "date-time")))
+    }
+
+    fn as_raw_value(&self) -> Option<&Self> {
+        Some(self)
+    }
+
+    fn raw_element_iter<'a>(&'a self) -> Box<dyn Iterator<Item = &'a Self> + 'a> {
+        Box::new(std::iter::once(self))
+    }
+}
+
+impl ParseFromJSON for RunAt {
+    fn parse_from_json(value: Option<Value>) -> ParseResult<Self> {
+        match value.unwrap_or_default() {
+            Value::String(text) => RunAt::parse_strict(&text).map_err(ParseError::custom),
+            other => Err(ParseError::expected_type(other)),
+        }
+    }
+}
+
+impl ToJSON for RunAt {
+    fn to_json(&self) -> Option<Value> {
+        Some(Value::String(self.0.to_rfc3339()))
+    }
+}
+
 /// Where a job is in its lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
 #[oai(rename = "JobState", rename_all = "lowercase")]
@@ -253,8 +356,11 @@ pub(crate) struct NewJob {
     /// Lower runs first among due jobs.
     #[oai(default)]
     pub(crate) priority: i16,
-    /// Run no earlier than this instant (RFC 3339). Not together with `delay_seconds`.
-    pub(crate) run_at: Option<DateTime<Utc>>,
+    /// Run no earlier than this instant: an RFC 3339 date-time, read strictly
+    /// (`YYYY-MM-DDTHH:MM:SS[.fraction]` then `Z` or `±HH:MM`; no spaces, no other year form, no
+    /// leap second), between 1970-01-01T00:00:00Z and 9999-12-31T23:59:59.999999Z (a past instant
+    /// means due now). Not together with `delay_seconds`.
+    pub(crate) run_at: Option<RunAt>,
     /// Run no earlier than this many seconds from now. Not together with `run_at`.
     #[oai(validator(minimum(value = "0"), maximum(value = "31536000")))]
     pub(crate) delay_seconds: Option<f64>,
@@ -294,7 +400,7 @@ impl NewJob {
             kind: self.kind.0,
             payload: self.payload.0,
             priority: self.priority,
-            run_at: self.run_at,
+            run_at: self.run_at.map(|at| at.0),
             delay_ms: self
                 .delay_seconds
                 .map(|s| seconds_to_ms("delay_seconds", s))

@@ -1,9 +1,11 @@
-//! [`QueueSampler`]: reads `JobStore::queue_backlog` on an interval and publishes queue depth, the
-//! age of the oldest ready job, and whether the database answers.
+//! [`QueueSampler`]: reads `JobStore::queue_backlog` and `JobStore::queue_list` on an interval and
+//! publishes queue depth (a series for every known queue, 0 when empty), the age of the oldest
+//! ready job, and whether the database answers.
 //!
 //! It samples the backlog, never the finished history: `queue_backlog` reads only `queued` and
 //! `running` jobs (in Postgres, only the partial claim and rescue indexes), so a sample costs what
-//! the backlog costs however many finished jobs the table keeps. For counts of every state, ask
+//! the backlog costs however many finished jobs the table keeps; `queue_list` reads the small
+//! queue table (a row per queue, from its first job). For counts of every state, ask
 //! `JobStore::queue_stats` on demand (the HTTP API's `GET /v1/queues`).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -14,27 +16,31 @@ use chrono::{DateTime, Utc};
 use faultline_ports::domain::JobState;
 use faultline_ports::telemetry::{labels, names};
 use faultline_ports::{
-    Clock, JobStore, LabelGuard, QueueBacklog, StoreError, StoreResult, SystemClock,
+    Clock, JobStore, LabelGuard, QueueBacklog, QueueInfo, StoreError, StoreResult, SystemClock,
 };
 use metrics::{counter, gauge};
 use tokio_util::sync::CancellationToken;
 
-/// The store operation name of the sampler's call (the `operation` label of its errors).
+/// The store operation names of the sampler's calls (the `operation` label of their errors).
 const OPERATION: &str = "queue_backlog";
+const LIST_OPERATION: &str = "queue_list";
 
 /// The states whose depth is published: the backlog. Terminal states (`succeeded`, `failed`,
 /// `cancelled`) are history, not depth, and get no gauge (counting them would read every finished
 /// job; their rates are `faultline_jobs_finished_total`).
 const DEPTH_STATES: [JobState; 2] = [JobState::Queued, JobState::Running];
 
-/// Samples queue depth from the store ([`JobStore::queue_backlog`]). Publishes, per queue (label
-/// folded by the [`LabelGuard`]): `faultline_queue_depth{queue,state}` for the states `queued`
+/// Samples queue depth from the store ([`JobStore::queue_backlog`], plus [`JobStore::queue_list`]
+/// for the queues with no backlog). Publishes, per known queue (label folded by the
+/// [`LabelGuard`]): `faultline_queue_depth{queue,state}` for the states `queued`
 /// and `running` only, and `faultline_queue_oldest_ready_age_seconds{queue}` (0 when no job is
 /// waiting), plus `faultline_db_up` and, on failure,
 /// `faultline_db_errors_total{operation="queue_backlog"}`.
 ///
-/// Queues folded into one label value are summed (depth) or take the oldest (age). A queue that
-/// disappears (its last queued or running job finished) is set to 0 instead of keeping its last value.
+/// Every queue with a row (from its first job on) has a series, 0 when it has no backlog, also
+/// when it drained before the first sample. Queues folded into one label value are summed (depth)
+/// or take the oldest (age). A published queue that disappears from both answers is set to 0
+/// instead of keeping its last value.
 pub struct QueueSampler {
     store: Arc<dyn JobStore>,
     clock: Arc<dyn Clock>,
@@ -87,7 +93,7 @@ impl QueueSampler {
         self
     }
 
-    /// Gives up on a `queue_backlog` call after `timeout`.
+    /// Gives up on a sample (its `queue_backlog` and `queue_list` calls) after `timeout`.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -96,28 +102,44 @@ impl QueueSampler {
     /// Samples once, at once, and publishes the gauges. On failure sets `faultline_db_up` to 0,
     /// counts the error and returns it; the depth gauges keep their last values.
     pub async fn sample_once(&mut self) -> StoreResult<()> {
-        let result = match tokio::time::timeout(self.timeout, self.store.queue_backlog()).await {
+        let calls = async {
+            let backlog = self
+                .store
+                .queue_backlog()
+                .await
+                .map_err(|err| (OPERATION, err))?;
+            let queues = self
+                .store
+                .queue_list()
+                .await
+                .map_err(|err| (LIST_OPERATION, err))?;
+            Ok((backlog, queues))
+        };
+        let result = match tokio::time::timeout(self.timeout, calls).await {
             Ok(result) => result,
-            Err(_) => Err(StoreError::Backend(
-                format!("queue_backlog took longer than {:?}", self.timeout).into(),
+            Err(_) => Err((
+                OPERATION,
+                StoreError::Backend(
+                    format!("sampling queue depth took longer than {:?}", self.timeout).into(),
+                ),
             )),
         };
         match result {
-            Ok(backlog) => {
+            Ok((backlog, queues)) => {
                 gauge!(names::DB_UP).set(1.0);
-                self.publish(&backlog, self.clock.now());
+                self.publish(&backlog, &queues, self.clock.now());
                 Ok(())
             }
-            Err(err) => {
+            Err((operation, err)) => {
                 gauge!(names::DB_UP).set(0.0);
-                counter!(names::DB_ERRORS_TOTAL, labels::OPERATION => OPERATION).increment(1);
+                counter!(names::DB_ERRORS_TOTAL, labels::OPERATION => operation).increment(1);
                 tracing::warn!(error = %err, "sampling queue depth failed");
                 Err(err)
             }
         }
     }
 
-    fn publish(&mut self, backlog: &[QueueBacklog], now: DateTime<Utc>) {
+    fn publish(&mut self, backlog: &[QueueBacklog], queues: &[QueueInfo], now: DateTime<Utc>) {
         #[derive(Default)]
         struct Folded {
             /// In the order of [`DEPTH_STATES`].
@@ -133,6 +155,10 @@ impl QueueSampler {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
+        }
+        // After the backlog, so that the label guard admits queues with work first.
+        for queue in queues {
+            folded.entry(self.labels.queue(&queue.name)).or_default();
         }
         for (queue, entry) in &folded {
             for (count, state) in entry.counts.iter().zip(DEPTH_STATES) {

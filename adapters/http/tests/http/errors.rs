@@ -112,7 +112,7 @@ async fn well_formed_but_refused_requests_get_422_naming_the_field() {
         ),
         (
             with("run_at", json!("0000-01-01T00:00:00Z")),
-            "run_at must be within the years 1 to 9999",
+            "run_at must be between 1970-01-01T00:00:00Z and 9999-12-31T23:59:59.999999Z",
         ),
     ];
     for (body, expected) in cases {
@@ -251,4 +251,87 @@ async fn a_body_that_never_arrives_gets_408_after_the_request_timeout() {
     let detail = reply.assert_problem(408, types::REQUEST_TIMEOUT);
     assert_eq!(detail, "the request body did not arrive within 3 s");
     assert_eq!(started.elapsed(), std::time::Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn run_at_is_read_strictly_and_bounded() {
+    let h = Harness::new();
+    // Lenient forms chrono would take: refused as malformed (400), naming the field.
+    for lenient in [
+        " 2026-01-01T00:00:00Z",
+        "2026-01-01T00:00:00Z ",
+        "+002024-01-01T00:00:00Z",
+        "2026-01-01 00:00:00Z",
+        "2026-01-01t00:00:00Z",
+        "2026-12-31T23:59:60Z",
+        "2026-01-01T00:00:00",
+        "2026-01-01T00:00:00.Z",
+        "2026-01-01T00:00:00+0100",
+        "2026-02-30T00:00:00Z",
+    ] {
+        for (path, body) in [
+            ("/v1/jobs", with("run_at", json!(lenient))),
+            (
+                "/v1/jobs/batch",
+                json!({"jobs": [with("run_at", json!(lenient))]}),
+            ),
+        ] {
+            let detail = h
+                .post(path, body)
+                .await
+                .assert_problem(400, types::BAD_REQUEST);
+            assert!(detail.contains("run_at"), "{path} {lenient:?}: {detail}");
+        }
+    }
+    // Well-formed but out of range: refused as invalid (422), naming the field.
+    for far in [
+        "0001-01-01T00:00:00Z",
+        "1969-12-31T23:59:59Z",
+        "9999-12-31T23:59:59-01:00",
+    ] {
+        let detail = h
+            .post("/v1/jobs", with("run_at", json!(far)))
+            .await
+            .assert_problem(422, types::INVALID_REQUEST);
+        assert!(
+            detail.starts_with("run_at must be between 1970"),
+            "{far:?}: {detail}"
+        );
+        let detail = h
+            .post(
+                "/v1/jobs/batch",
+                json!({"jobs": [with("run_at", json!(far))]}),
+            )
+            .await
+            .assert_problem(422, types::INVALID_REQUEST);
+        assert!(
+            detail.starts_with("item 0: run_at must be between"),
+            "{far:?}: {detail}"
+        );
+    }
+    assert_eq!(
+        h.get("/v1/jobs").await.assert_status(200)["jobs"],
+        json!([]),
+        "nothing was created"
+    );
+    // Normal values, with a fraction and an offset, and the bounds themselves, are accepted.
+    for (fine, stored) in [
+        ("2026-01-01T00:00:00Z", "2026-01-01T00:00:00+00:00"),
+        (
+            "2026-06-30T12:00:00.5+02:00",
+            "2026-06-30T10:00:00.500+00:00",
+        ),
+        ("1970-01-01T00:00:00Z", "1970-01-01T00:00:00+00:00"),
+        ("9999-12-31T23:59:59Z", "9999-12-31T23:59:59+00:00"),
+    ] {
+        let job = h.enqueue(with("run_at", json!(fine))).await;
+        assert_eq!(job["next_run_at"], stored, "{fine}");
+    }
+    let reply = h
+        .post(
+            "/v1/jobs/batch",
+            json!({"jobs": [with("run_at", json!("2026-01-01T00:00:00Z"))]}),
+        )
+        .await;
+    assert_eq!(reply.assert_status(200)["results"][0]["outcome"], "created");
 }

@@ -178,6 +178,14 @@ async fn a_failing_store_sets_db_up_to_zero_and_counts_the_error() {
             _ => Ok(vec![]),
         }
     });
+    let mut lists = 0;
+    store.expect_queue_list().returning(move || {
+        lists += 1;
+        match lists {
+            3 => Err(StoreError::Backend("connection reset".into())),
+            _ => Ok(vec![]),
+        }
+    });
     let mut sampler = QueueSampler::new(Arc::new(store), LabelGuard::default());
     sampler.sample_once().await.unwrap();
     assert_eq!(metrics.scrape().value(names::DB_UP, &[]), 1.0);
@@ -194,6 +202,64 @@ async fn a_failing_store_sets_db_up_to_zero_and_counts_the_error() {
     let m = metrics.scrape();
     assert_eq!(m.value(names::DB_UP, &[]), 1.0);
     assert_eq!(m.value(names::DB_ERRORS_TOTAL, &[]), 1.0);
+
+    // The queue list fails on its third call (the backlog's fourth).
+    assert!(sampler.sample_once().await.is_err());
+    let m = metrics.scrape();
+    assert_eq!(m.value(names::DB_UP, &[]), 0.0);
+    assert_eq!(
+        m.value(names::DB_ERRORS_TOTAL, &[("operation", "queue_list")]),
+        1.0
+    );
+}
+
+/// A queue whose jobs all finished before the first sample has no backlog, but its row exists:
+/// it reports 0, not no series at all.
+async fn check_drained_queue_reports_zero(store: Arc<impl JobStore>, clock: ManualClock) {
+    let metrics = LocalMetrics::new();
+    let _recording = metrics.enter();
+    store.job_enqueue(&spec("drained")).await.unwrap();
+    store.job_enqueue(&spec("busy")).await.unwrap();
+    let job = store
+        .job_claim(&claim("drained", 1))
+        .await
+        .unwrap()
+        .remove(0);
+    store.job_complete(LeaseRef::of(&job), None).await.unwrap();
+    let mut sampler = QueueSampler::new(store, LabelGuard::default()).with_clock(clock);
+    sampler.sample_once().await.unwrap();
+    let m = metrics.scrape();
+    assert_eq!(
+        m.label_values(names::QUEUE_DEPTH, "queue"),
+        vec!["busy", "drained"]
+    );
+    for state in [JobState::Queued, JobState::Running] {
+        assert!(m.has(
+            names::QUEUE_DEPTH,
+            &[("queue", "drained"), ("state", state.as_str())]
+        ));
+        assert_eq!(depth(&m, "drained", state), 0.0, "{state}");
+    }
+    assert_eq!(age(&m, "drained"), 0.0);
+    assert_eq!(depth(&m, "busy", JobState::Queued), 1.0);
+}
+
+#[tokio::test]
+async fn a_queue_that_drained_before_the_first_sample_reports_zero() {
+    let clock = ManualClock::new(t0());
+    let store = Arc::new(MemoryStore::new(Arc::new(clock.clone())));
+    check_drained_queue_reports_zero(store, clock).await;
+}
+
+#[tokio::test]
+async fn pg_a_queue_that_drained_before_the_first_sample_reports_zero() {
+    let db = TestDb::fresh().await;
+    let clock = ManualClock::new(t0());
+    let store = Arc::new(PgStore::with_clock(
+        db.pool().clone(),
+        Arc::new(clock.clone()),
+    ));
+    check_drained_queue_reports_zero(store, clock).await;
 }
 
 #[tokio::test]
