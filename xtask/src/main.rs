@@ -61,7 +61,7 @@ enum Command {
     /// Writes a table to stdout and target/drills/summary.json; process logs go to
     /// target/drills/<drill>/. DRILL_SEED=N replays a run's random choices (seed in the summary).
     Drill {
-        /// Fewer jobs and rounds (CI: all drills in about 5 minutes).
+        /// Fewer jobs and rounds (CI: all drills in about 2–3 minutes).
         #[arg(long)]
         short: bool,
         /// List the drills and what each proves, and exit.

@@ -1,7 +1,9 @@
-//! Each drill's own database (`faultline_drill_<name>_<pid>`, migrated, dropped afterwards) and
-//! the queries its checks read straight from `faultline_jobs`.
+//! Each drill's own database (`faultline_drill_<name>_<pid>`, migrated, dropped afterwards),
+//! the queries its checks read straight from `faultline_jobs`, and a steady load of enqueues.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -12,6 +14,9 @@ use faultline_postgres::PgStore;
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
+use tokio::time::MissedTickBehavior;
+
+use super::probe::{Background, Rng};
 
 /// Prefix of every drill database (followed by the drill's name and the xtask pid).
 const PREFIX: &str = "faultline_drill_";
@@ -228,4 +233,34 @@ pub(crate) fn effect_job(ms: u64, fail: u32) -> JobSpec {
     let mut spec = JobSpec::new(super::ledger::KIND, super::ledger::payload(ms, fail));
     spec.retry_policy = BACKOFF;
     spec
+}
+
+/// Enqueues about `rate` jobs a second (in batches every 50 ms), each made by `job`, until
+/// `stop`; returns their ids.
+pub(crate) fn steady_load(
+    store: &PgStore,
+    rate: u64,
+    mut rng: Rng,
+    stop: Arc<AtomicBool>,
+    mut job: impl FnMut(&mut Rng) -> JobSpec + Send + 'static,
+) -> Background<anyhow::Result<Vec<i64>>> {
+    let store = store.clone();
+    Background::spawn(async move {
+        let tick_every = Duration::from_millis(50);
+        let per_tick = usize::try_from(rate.div_ceil(20)).unwrap_or(1).max(1);
+        let mut tick = tokio::time::interval(tick_every);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut ids = Vec::new();
+        while !stop.load(Ordering::SeqCst) {
+            tick.tick().await;
+            let specs: Vec<JobSpec> = (0..per_tick).map(|_| job(&mut rng)).collect();
+            for outcome in store.job_enqueue_many(&specs).await? {
+                match outcome {
+                    EnqueueOutcome::Created { id } => ids.push(id),
+                    other => anyhow::bail!("enqueue of the load: {other:?}"),
+                }
+            }
+        }
+        Ok(ids)
+    })
 }

@@ -53,6 +53,8 @@ pub(crate) struct WorkerSpec {
     pub(crate) demo_handlers: bool,
     /// `--queues`.
     pub(crate) queues: String,
+    /// Extra environment of the process (e.g. libfaketime's `LD_PRELOAD` and `FAKETIME`).
+    pub(crate) env: Vec<(String, String)>,
 }
 
 impl WorkerSpec {
@@ -71,6 +73,7 @@ impl WorkerSpec {
             store_timeout: Duration::from_secs(2),
             demo_handlers: false,
             queues: "default".into(),
+            env: Vec::new(),
         }
     }
 
@@ -199,7 +202,8 @@ impl Fleet {
         let port = free_port()?;
         let metrics = format!("http://127.0.0.1:{port}/metrics");
         let bin = self.bin.clone();
-        self.start(name, &bin, &spec.args(name, sink, port), Some(metrics))
+        let args = spec.args(name, sink, port);
+        self.start_with_env(name, &bin, &args, &spec.env, Some(metrics))
     }
 
     /// Starts `faultline api` on a free port with `args`; returns it and its base URL once
@@ -247,6 +251,18 @@ impl Fleet {
         args: &[String],
         metrics: Option<String>,
     ) -> anyhow::Result<ProcId> {
+        self.start_with_env(name, program, args, &[], metrics)
+    }
+
+    /// [`Fleet::start`] with `env` added to the process's environment.
+    pub(crate) fn start_with_env(
+        &mut self,
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        metrics: Option<String>,
+    ) -> anyhow::Result<ProcId> {
         let log_path = self.log_dir.join(format!("{name}.log"));
         let log =
             File::create(&log_path).with_context(|| format!("create {}", log_path.display()))?;
@@ -264,6 +280,7 @@ impl Fleet {
                 command.env_remove(var);
             }
         }
+        command.envs(env.iter().map(|(k, v)| (k, v)));
         let child = command
             .spawn()
             .with_context(|| format!("start {} {}", program.display(), args.join(" ")))?;

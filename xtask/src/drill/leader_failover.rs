@@ -17,13 +17,12 @@ use faultline_ports::domain::{AttemptError, FailureKind, JobSpec};
 use faultline_ports::telemetry::names;
 use faultline_ports::{ClaimParams, JobStore, ManualClock};
 use faultline_postgres::PgStore;
-use tokio::time::MissedTickBehavior;
 
 use super::checks::{Death, death, succeeded_with_effect, summary};
-use super::db::{DrillDb, effect_job};
+use super::db::{DrillDb, effect_job, steady_load};
 use super::fleet::{Fleet, LEASE, ProcId, WorkerSpec};
 use super::ledger::Sink;
-use super::probe::{Background, Rng, wait_for};
+use super::probe::{Rng, wait_for};
 use super::report::seconds;
 use super::{Ctx, Drill, Report, SLACK};
 
@@ -111,7 +110,9 @@ async fn run(ctx: Ctx) -> anyhow::Result<Report> {
     }
     let sampler = Sampler::start(db.url(), targets.clone()).await?;
     let stop_load = Arc::new(AtomicBool::new(false));
-    let load = steady_load(&store, plan.rate, rng.clone(), stop_load.clone());
+    let load = steady_load(&store, plan.rate, rng.clone(), stop_load.clone(), |rng| {
+        effect_job(rng.between(20, 200), 0)
+    });
     ctx.progress(format!(
         "{WORKERS} workers running, load of {} jobs/s",
         plan.rate
@@ -356,36 +357,6 @@ impl World<'_> {
         })
         .await
     }
-}
-
-/// Enqueues about `rate` jobs a second (in batches every 50 ms) until `stop`; returns their ids.
-fn steady_load(
-    store: &PgStore,
-    rate: u64,
-    mut rng: Rng,
-    stop: Arc<AtomicBool>,
-) -> Background<anyhow::Result<Vec<i64>>> {
-    let store = store.clone();
-    Background::spawn(async move {
-        let tick_every = Duration::from_millis(50);
-        let per_tick = usize::try_from(rate.div_ceil(20)).unwrap_or(1).max(1);
-        let mut tick = tokio::time::interval(tick_every);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut ids = Vec::new();
-        while !stop.load(Ordering::SeqCst) {
-            tick.tick().await;
-            let specs: Vec<JobSpec> = (0..per_tick)
-                .map(|_| effect_job(rng.between(20, 200), 0))
-                .collect();
-            for outcome in store.job_enqueue_many(&specs).await? {
-                match outcome {
-                    faultline_ports::EnqueueOutcome::Created { id } => ids.push(id),
-                    other => bail!("enqueue of the load: {other:?}"),
-                }
-            }
-        }
-        Ok(ids)
-    })
 }
 
 /// Seeds `count` cancelled jobs (in a queue no worker claims) for the pruner.

@@ -1,10 +1,10 @@
 //! `cargo xtask drill [--short] [NAME ...]`: failure drills. Each drill runs real `faultline`
 //! processes against a real PostgreSQL (a database of its own), injects a real fault (SIGKILL,
 //! SIGSTOP, a poison pill, a database outage, a SIGTERM, a burst of duplicate submissions, the
-//! maintenance leader SIGKILLed, a queue paused), waits for the system to settle, and checks
-//! invariants straight from the database, the effects ledger and the workers' metrics. The
-//! summary goes to stdout and `target/drills/summary.json`; the exit status is non-zero when any
-//! drill fails.
+//! maintenance leader SIGKILLed, a queue paused, wall clocks 90 s off), waits for the system to
+//! settle, and checks invariants straight from the database, the effects ledger and the workers'
+//! metrics. The summary goes to stdout and `target/drills/summary.json`; the exit status is
+//! non-zero when any drill fails.
 //!
 //! Adding a drill: a module with a `pub(crate) const DRILL: Drill` and one line in [`DRILLS`].
 
@@ -15,6 +15,7 @@ mod ledger;
 mod probe;
 mod report;
 
+mod clock_skew;
 mod db_outage;
 mod duplicates;
 mod exactly_once;
@@ -49,6 +50,7 @@ const DRILLS: &[Drill] = &[
     exactly_once::DRILL,
     leader_failover::DRILL,
     pause::DRILL,
+    clock_skew::DRILL,
 ];
 
 /// Scheduling slack allowed on top of every time bound derived from the configuration: process
