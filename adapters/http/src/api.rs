@@ -505,13 +505,7 @@ impl QueuesApi {
         #[oai(validator(min_length = 1, max_length = 128))]
         name: Path<String>,
     ) -> Result<QueueResponse, QueueActionError> {
-        let ctx = &self.0;
-        validate_queue_name(&name.0).map_err(Problem::from)?;
-        let queue = ctx
-            .call("queue_pause", ctx.store.queue_pause(&name.0))
-            .await?;
-        tracing::info!(queue = %queue.name, "queue paused over HTTP");
-        Ok(QueueResponse::Ok(Json(queue.into())))
+        set_paused(&self.0, &name.0, true).await
     }
 
     /// Resume a queue
@@ -530,14 +524,26 @@ impl QueuesApi {
         #[oai(validator(min_length = 1, max_length = 128))]
         name: Path<String>,
     ) -> Result<QueueResponse, QueueActionError> {
-        let ctx = &self.0;
-        validate_queue_name(&name.0).map_err(Problem::from)?;
-        let queue = ctx
-            .call("queue_resume", ctx.store.queue_resume(&name.0))
-            .await?;
-        tracing::info!(queue = %queue.name, "queue resumed over HTTP");
-        Ok(QueueResponse::Ok(Json(queue.into())))
+        set_paused(&self.0, &name.0, false).await
     }
+}
+
+/// Pauses or resumes the queue `name` (checked first) for the two queue actions.
+async fn set_paused(
+    ctx: &Ctx,
+    name: &str,
+    paused: bool,
+) -> Result<QueueResponse, QueueActionError> {
+    validate_queue_name(name).map_err(Problem::from)?;
+    let queue = if paused {
+        ctx.call("queue_pause", ctx.store.queue_pause(name)).await?
+    } else {
+        ctx.call("queue_resume", ctx.store.queue_resume(name))
+            .await?
+    };
+    let action = if paused { "paused" } else { "resumed" };
+    tracing::info!(queue = %queue.name, action, "queue {action} over HTTP");
+    Ok(QueueResponse::Ok(Json(queue.into())))
 }
 
 /// The registered processes.
