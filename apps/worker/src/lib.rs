@@ -47,14 +47,17 @@
 //! ```
 
 mod backoff;
+mod claims;
 mod config;
 mod handler;
+mod leases;
 mod lost;
 mod maintenance;
 mod run;
 mod stats;
 mod telemetry;
 mod worker;
+mod writes;
 
 pub use config::{ConfigError, WorkerConfig};
 pub use handler::{Handler, JobContext, Outcome, Registry};
