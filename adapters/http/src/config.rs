@@ -38,6 +38,19 @@ pub struct ApiConfig {
     /// On shutdown, how long in-flight requests may take to finish before connections are
     /// dropped (default 10 s). Long-polling lease requests return at once on shutdown.
     pub shutdown_grace: Duration,
+    /// How long a client may take to send a request head (request line and headers), counted
+    /// from when the connection is accepted and, on a kept-alive connection, from the first byte
+    /// of each further request; a client that does not finish in time is disconnected (slow-loris
+    /// protection; default 10 s).
+    pub header_read_timeout: Duration,
+    /// How long a connection may stay without any traffic (a kept-alive connection waiting for
+    /// its next request) before it is closed. A request in flight is never cut: the connection
+    /// is closed after its response (default 60 s).
+    pub idle_timeout: Duration,
+    /// Most connections served at once. At the cap the server stops accepting: new connections
+    /// wait in the kernel's listen backlog (holding no file of this process) until a served one
+    /// closes. Keep it below the open-file limit, minus the database pool (default 1,000).
+    pub max_connections: usize,
     /// Serves `GET /metrics` (no token needed) with what this function renders (the binary
     /// passes its Prometheus recorder's). `None` (the default): `/metrics` answers 404.
     pub metrics: Option<MetricsRender>,
@@ -57,6 +70,12 @@ impl ApiConfig {
     pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
     /// Default [`ApiConfig::request_timeout`].
     pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Default [`ApiConfig::header_read_timeout`].
+    pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Default [`ApiConfig::idle_timeout`].
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+    /// Default [`ApiConfig::max_connections`].
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 1000;
 
     /// Whether `/v1` requires a bearer token.
     pub fn auth_enabled(&self) -> bool {
@@ -81,6 +100,9 @@ impl Default for ApiConfig {
             retry_after: Duration::from_secs(5),
             lease_poll_interval: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(10),
+            header_read_timeout: Self::DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: Self::DEFAULT_IDLE_TIMEOUT,
+            max_connections: Self::DEFAULT_MAX_CONNECTIONS,
             metrics: None,
             metric_labels: LabelGuard::default(),
         }
@@ -102,6 +124,9 @@ impl fmt::Debug for ApiConfig {
             .field("retry_after", &self.retry_after)
             .field("lease_poll_interval", &self.lease_poll_interval)
             .field("shutdown_grace", &self.shutdown_grace)
+            .field("header_read_timeout", &self.header_read_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("max_connections", &self.max_connections)
             .field(
                 "metrics",
                 &format_args!(

@@ -30,6 +30,7 @@
 mod api;
 mod auth;
 mod config;
+mod conn;
 mod dto;
 mod fleet;
 mod front;
@@ -177,6 +178,10 @@ pub async fn serve<S: JobStore>(
 /// Serves the API on an already bound listener (so a caller can bind port 0 and learn the port)
 /// until `shutdown` is cancelled; then stops accepting, lets in-flight requests finish for up to
 /// `config.shutdown_grace`, and returns. Logs a warning when no API tokens are configured.
+///
+/// Connections are kept in check by [`ApiConfig::header_read_timeout`],
+/// [`ApiConfig::idle_timeout`] and [`ApiConfig::max_connections`] (at the cap, new connections
+/// wait in the listen backlog until a served one closes).
 pub async fn serve_on<S: JobStore>(
     listener: tokio::net::TcpListener,
     store: Arc<S>,
@@ -202,8 +207,11 @@ pub async fn serve_on<S: JobStore>(
         );
     }
     let grace = config.shutdown_grace;
+    let acceptor = conn::Guarded::new(acceptor, config.max_connections, config.header_read_timeout);
+    let idle_timeout = config.idle_timeout;
     let endpoint = app(store, wake, health, config, shutdown.clone());
     Server::new_with_acceptor(acceptor)
+        .idle_timeout(idle_timeout)
         .run_with_graceful_shutdown(endpoint, shutdown.cancelled_owned(), Some(grace))
         .await
 }

@@ -109,6 +109,12 @@ fn print_config(
             format!("{:?}", config.lease_poll_interval),
         ),
         ("api_shutdown_grace", format!("{:?}", config.shutdown_grace)),
+        (
+            "header_read_timeout",
+            format!("{:?}", config.header_read_timeout),
+        ),
+        ("idle_timeout", format!("{:?}", config.idle_timeout)),
+        ("max_connections", config.max_connections.to_string()),
         ("api_pool_size", pool_size.to_string()),
         (
             "metrics_sample_interval",

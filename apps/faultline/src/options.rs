@@ -256,6 +256,21 @@ pub(crate) struct ApiArgs {
     #[arg(long, env = "FAULTLINE_API_SHUTDOWN_GRACE", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub(crate) api_shutdown_grace: Duration,
 
+    /// How long a client may take to send a request head (request line and headers); slower
+    /// clients (slow loris) are disconnected.
+    #[arg(long, env = "FAULTLINE_HEADER_READ_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub(crate) header_read_timeout: Duration,
+
+    /// How long a kept-alive connection may wait for its next request before it is closed (a
+    /// request in flight is never cut).
+    #[arg(long, env = "FAULTLINE_IDLE_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub(crate) idle_timeout: Duration,
+
+    /// Most connections served at once; beyond it new connections wait in the listen backlog
+    /// until one closes. Keep it below the open-file limit.
+    #[arg(long, env = "FAULTLINE_MAX_CONNECTIONS", value_name = "N", default_value_t = ApiConfig::DEFAULT_MAX_CONNECTIONS as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) max_connections: u64,
+
     /// Database connections of the API's pool (the wake-up listener has one more of its own).
     #[arg(long, env = "FAULTLINE_API_POOL_SIZE", value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) api_pool_size: u32,
@@ -293,6 +308,8 @@ impl ApiArgs {
             (self.request_timeout, "--request-timeout"),
             (self.retry_after, "--retry-after"),
             (self.lease_poll_interval, "--lease-poll-interval"),
+            (self.header_read_timeout, "--header-read-timeout"),
+            (self.idle_timeout, "--idle-timeout"),
         ] {
             if value.is_zero() {
                 bail!("{name} must be longer than 0");
@@ -310,6 +327,9 @@ impl ApiArgs {
             retry_after: self.retry_after,
             lease_poll_interval: self.lease_poll_interval,
             shutdown_grace: self.api_shutdown_grace,
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            max_connections: bytes(self.max_connections, "--max-connections")?,
             // Wiring rather than settings (e.g. what serves `/metrics`): the adapter's defaults.
             ..ApiConfig::default()
         })

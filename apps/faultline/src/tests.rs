@@ -91,7 +91,7 @@ const WORKER_ENV: [&str; 33] = [
 ];
 
 /// Every environment variable the API reads.
-const API_ENV: [&str; 26] = [
+const API_ENV: [&str; 29] = [
     "DATABASE_URL",
     "FAULTLINE_LISTEN",
     "FAULTLINE_API_TOKENS",
@@ -101,6 +101,9 @@ const API_ENV: [&str; 26] = [
     "FAULTLINE_RETRY_AFTER",
     "FAULTLINE_LEASE_POLL_INTERVAL",
     "FAULTLINE_API_SHUTDOWN_GRACE",
+    "FAULTLINE_HEADER_READ_TIMEOUT",
+    "FAULTLINE_IDLE_TIMEOUT",
+    "FAULTLINE_MAX_CONNECTIONS",
     "FAULTLINE_API_POOL_SIZE",
     "FAULTLINE_MAINTENANCE",
     "FAULTLINE_LEADER_LEASE",
