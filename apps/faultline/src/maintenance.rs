@@ -175,15 +175,13 @@ pub(crate) fn process(id: String, role: &str, producers: &[WorkerConfig]) -> Pro
 
 /// `<hostname>-<pid>`: the id of a process that has no worker id.
 pub(crate) fn process_id() -> String {
-    format!("{}-{}", host_name(), std::process::id())
+    WorkerConfig::default().worker_id
 }
 
+/// The host name as the registry shows it (names are at most 128 characters).
 fn host_name() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .map(|name| name.trim().chars().take(100).collect::<String>())
-        .filter(|name| !name.is_empty() && !name.chars().any(char::is_control))
+    faultline_worker::host_name()
+        .map(|name| name.chars().take(128).collect())
         .unwrap_or_else(|| "localhost".to_owned())
 }
 

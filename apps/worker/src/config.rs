@@ -157,14 +157,19 @@ pub(crate) fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// `<hostname>-<pid>`, or `worker-<pid>` when the host name is unknown; at most 128 characters.
-fn default_worker_id() -> String {
-    let host = std::env::var("HOSTNAME")
+/// This machine's name (`HOSTNAME`, else `/etc/hostname`), when it has a usable one (not
+/// empty, no control characters).
+pub fn host_name() -> Option<String> {
+    std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
         .map(|name| name.trim().to_owned())
         .filter(|name| !name.is_empty() && !name.chars().any(char::is_control))
-        .unwrap_or_else(|| "worker".to_owned());
+}
+
+/// `<hostname>-<pid>`, or `worker-<pid>` when the host name is unknown; at most 128 characters.
+fn default_worker_id() -> String {
+    let host = host_name().unwrap_or_else(|| "worker".to_owned());
     let pid = std::process::id().to_string();
     let room = Limits::MAX_NAME_CHARS - pid.len() - 1;
     let host: String = host.chars().take(room).collect();

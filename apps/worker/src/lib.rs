@@ -59,7 +59,7 @@ mod telemetry;
 mod worker;
 mod writes;
 
-pub use config::{ConfigError, WorkerConfig};
+pub use config::{ConfigError, WorkerConfig, host_name};
 pub use handler::{Handler, JobContext, Outcome, Registry};
 pub use maintenance::{Maintenance, MaintenanceConfig, MaintenanceHandle};
 pub use stats::{Counters, StatsSnapshot, WorkerStats};

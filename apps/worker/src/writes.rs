@@ -138,46 +138,33 @@ impl<S: JobStore> Worker<S> {
     /// Writes failures and snoozes in queue order: consecutive failures in one statement
     /// (`job_fail_many`, up to `completion_batch_size`), snoozes one call each.
     pub(crate) async fn write_others(&mut self) -> bool {
-        while let Some((_, front)) = self.others.front() {
-            if matches!(front, Write::Fail(_)) {
-                if !self.write_failures().await {
-                    return false;
-                }
-                continue;
-            }
-            let Some((lease, write)) = self.others.pop_front() else {
-                break;
-            };
-            let result = match &write {
+        while let Some((lease, write)) = self.others.pop_front() {
+            let (delay_ms, release) = match write {
                 Write::Fail(failure) => {
-                    self.call("fail", self.store.job_fail(lease, failure)).await
+                    if !self.write_failures(lease, failure).await {
+                        return false;
+                    }
+                    continue;
                 }
-                Write::Snooze { delay_ms, .. } => {
-                    self.call("snooze", self.store.job_snooze(lease, *delay_ms))
-                        .await
-                }
+                Write::Snooze { delay_ms, release } => (delay_ms, release),
             };
+            let result = self
+                .call("snooze", self.store.job_snooze(lease, delay_ms))
+                .await;
             match result {
                 Ok(job) => {
-                    let counter = match (job.state, &write) {
-                        (JobState::Cancelled, _) => Counter::cancelled,
-                        (JobState::Failed, _) => Counter::failed,
-                        (_, Write::Fail(_)) => Counter::retried,
-                        (_, Write::Snooze { release: true, .. }) => Counter::released,
-                        (_, Write::Snooze { release: false, .. }) => Counter::snoozed,
+                    let counter = match job.state {
+                        JobState::Cancelled => Counter::cancelled,
+                        _ if release => Counter::released,
+                        _ => Counter::snoozed,
                     };
                     self.resolved(lease, counter);
                 }
-                Err(StoreError::StaleLease { .. }) => {
-                    let operation = match write {
-                        Write::Fail(_) => "fail",
-                        Write::Snooze { .. } => "snooze",
-                    };
-                    self.stale(lease, operation);
-                }
+                Err(StoreError::StaleLease { .. }) => self.stale(lease, "snooze"),
                 Err(StoreError::Backend(_)) => {
                     self.write_failed(lease);
-                    self.others.push_front((lease, write));
+                    self.others
+                        .push_front((lease, Write::Snooze { delay_ms, release }));
                     return false;
                 }
                 Err(_) => self.refused(lease),
@@ -186,10 +173,11 @@ impl<S: JobStore> Worker<S> {
         true
     }
 
-    /// Writes the failures at the front of the queue, up to a batch, in one statement; `false`
-    /// when the store could not be reached (they are pending again, first in line).
-    pub(crate) async fn write_failures(&mut self) -> bool {
-        let mut batch: Vec<(LeaseRef, Failure)> = Vec::new();
+    /// Writes `first` and the failures that follow it in the queue, up to a batch, in one
+    /// statement; `false` when the store could not be reached (they are pending again, first in
+    /// line).
+    pub(crate) async fn write_failures(&mut self, lease: LeaseRef, first: Failure) -> bool {
+        let mut batch: Vec<(LeaseRef, Failure)> = vec![(lease, first)];
         while batch.len() < self.config.completion_batch_size
             && matches!(self.others.front(), Some((_, Write::Fail(_))))
         {
