@@ -122,6 +122,13 @@ impl Sample {
             .any(|h| h.live && h.leader == process)
     }
 
+    /// Whether the row had a live holder both before and after the scrapes.
+    pub(super) fn row_live(&self) -> bool {
+        [&self.before, &self.after]
+            .into_iter()
+            .all(|h| h.as_ref().is_some_and(|h| h.live))
+    }
+
     pub(super) fn describe(&self) -> String {
         let row = |h: &Option<Holder>| {
             h.as_ref().map_or_else(
