@@ -8,7 +8,9 @@ use std::sync::Arc;
 use clap::Args;
 use faultline_postgres::PgStore;
 use faultline_postgres::listen::{ListenOptions, spawn_listener};
-use faultline_worker::{MaintenanceConfig, Registry, Worker, WorkerConfig};
+use faultline_worker::{
+    Completer, CompleterConfig, MaintenanceConfig, Registry, Worker, WorkerConfig,
+};
 use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
 use tokio_util::sync::CancellationToken;
@@ -200,13 +202,24 @@ pub(crate) async fn serve(
         maintenance: upkeep,
     } = parts;
     let store = Arc::new(PgStore::new(pool.clone()));
+    // One writer of every producer's outcomes (the producers share its write settings).
+    let completer = Completer::new(
+        store.clone(),
+        producers
+            .first()
+            .map(CompleterConfig::of)
+            .unwrap_or_default(),
+    );
     let mut workers = Vec::with_capacity(producers.len());
     for config in producers {
         workers.push(
             Worker::new(store.clone(), registry.clone(), config)?
-                .with_metric_labels(telemetry.labels.clone()),
+                .with_metric_labels(telemetry.labels.clone())
+                .with_completer(completer.clone()),
         );
     }
+    let stop_writing = CancellationToken::new();
+    let writer = tokio::spawn(completer.run(stop_writing.clone()));
     let stop_upkeep = CancellationToken::new();
     let upkeep = match upkeep {
         Some(config) => Some(maintenance::spawn(
@@ -242,6 +255,9 @@ pub(crate) async fn serve(
             Err(err) => tracing::error!(error = %err, "a worker task failed"),
         }
     }
+    // Each worker flushed its own writes at its shutdown.
+    stop_writing.cancel();
+    let _ = writer.await;
     stop_listening.cancel();
     stop_upkeep.cancel();
     if let Some(task) = upkeep {

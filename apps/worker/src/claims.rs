@@ -1,28 +1,28 @@
 //! Claiming and running: the claim calls (step and production), the local buffer of claimed
 //! jobs waiting for a slot, one task per handler, and what a finished task hands back.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::time::Duration;
 
 use faultline_domain::{FailureKind, Job};
-use faultline_ports::{
-    ClaimParams, Failure, JobStore, LeaseRef, MAX_CLAIM_LIMIT, StoreResult, WriteOutcome,
-};
-use tokio::sync::watch;
+use faultline_ports::{ClaimParams, Failure, JobStore, LeaseRef, MAX_CLAIM_LIMIT, StoreResult};
 use tokio::task::{self, JoinError};
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::lost::new_claim_id;
 use crate::stats::Counter;
 use crate::telemetry::{self, JobLabels};
 use crate::worker::{
-    BUFFER_HORIZON, Completions, Finished, Held, Worker, Write, job_event, panic_message,
-    permanent, retryable, store_ms, timed,
+    BUFFER_HORIZON, Finished, Held, LeaseState, Worker, Write, job_event, panic_message, permanent,
+    retryable, store_ms, timed,
 };
-use crate::worker::{Exchanged, StepReport};
+use crate::worker::{Claimed, StepReport};
 use crate::{JobContext, Outcome};
+
+/// Gives a lease back: queued, due now, attempt returned (shutdown).
+pub(crate) const GIVE_BACK: Write = Write::Snooze {
+    delay_ms: 0,
+    release: true,
+};
 
 impl<S: JobStore> Worker<S> {
     /// Claims up to the free slots (nothing, without a store call, when every slot is busy or the
@@ -61,7 +61,8 @@ impl<S: JobStore> Worker<S> {
         let deadline = sent + self.config.lease;
         for job in jobs {
             if self.free_slots() > 0 {
-                self.start(job, deadline);
+                let held = Held::claimed(&job, JobLabels::of(&self.labels, &job), deadline);
+                self.start(job, held);
             } else {
                 self.buffer(job, deadline);
             }
@@ -93,20 +94,7 @@ impl<S: JobStore> Worker<S> {
     /// Holds a claimed job until a slot frees (its lease is heartbeated meanwhile).
     pub(crate) fn buffer(&mut self, job: Job, deadline: tokio::time::Instant) {
         let lease = LeaseRef::of(&job);
-        let held = Held {
-            kind: job.kind.clone(),
-            attempt: job.attempts,
-            labels: JobLabels::of(&self.labels, &job),
-            started: tokio::time::Instant::now(),
-            run_time: None,
-            lease_expires_at: job.lease_expires_at.unwrap_or(job.next_run_at),
-            deadline,
-            cancel: CancellationToken::new(),
-            running: false,
-            lost: false,
-            cancel_requested: false,
-            write_failed: false,
-        };
+        let held = Held::claimed(&job, JobLabels::of(&self.labels, &job), deadline);
         self.held.insert(lease, held);
         self.buffered.push_back(job);
     }
@@ -120,20 +108,16 @@ impl<S: JobStore> Worker<S> {
             && let Some(mut job) = self.buffered.pop_front()
         {
             let lease = LeaseRef::of(&job);
-            let Some(held) = self.held.get(&lease) else {
+            let Some(held) = self.held.remove(&lease) else {
                 continue; // lost while buffered
             };
             if held.deadline <= now {
+                self.held.insert(lease, held);
                 self.lose(lease, "the lease ended while the job waited for a slot");
                 continue;
             }
-            let (cancel_requested, deadline) = (held.cancel_requested, held.deadline);
             job.lease_expires_at = Some(held.lease_expires_at);
-            self.start(job, deadline);
-            if cancel_requested && let Some(held) = self.held.get_mut(&lease) {
-                held.cancel_requested = true;
-                held.cancel.cancel();
-            }
+            self.start(job, held);
         }
     }
 
@@ -153,163 +137,78 @@ impl<S: JobStore> Worker<S> {
                     held,
                     "shutting down: giving back a job that never started"
                 );
-                self.others.push_back((
-                    lease,
-                    Write::Snooze {
-                        delay_ms: 0,
-                        release: true,
-                    },
-                ));
+                self.submit(lease, GIVE_BACK);
             }
         }
     }
 
-    /// The production loop's store traffic: claims (up to the room for jobs) and writes of
-    /// completion batches, on two tracks that run at once (each on its own pool connection), while
-    /// jobs finishing meanwhile are collected and buffered jobs start in the freed slots. A track
-    /// that finishes starts its next call at once when there is work for it: another claim when the
-    /// last one came back full and half the room is free again, another batch when completions are
-    /// pending. Returns when both tracks are idle (no new call starts after `until`), then writes
-    /// the other pending outcomes (failures, snoozes). `claim`: start with a claim; `write`: write
-    /// what is pending; `wake`: while the claim track is idle and a write is on its way, a wake-up
-    /// from it starts a claim at once (when `may_claim`) instead of after the write.
-    pub(crate) async fn exchange(
-        &mut self,
-        claim: bool,
-        write: bool,
-        until: tokio::time::Instant,
-        mut wake: Option<&mut watch::Receiver<u64>>,
-        may_claim: bool,
-    ) -> Exchanged {
-        /// A store call in flight.
-        type Call<T> = Option<Pin<Box<dyn Future<Output = T> + Send>>>;
-        /// Waits for the call in `slot` (only polled when there is one).
-        async fn finish<T>(slot: &mut Call<T>) -> T {
-            match slot.as_mut() {
-                Some(call) => call.as_mut().await,
-                None => std::future::pending().await,
-            }
-        }
-        if write {
-            self.drop_expired_writes();
-        }
-        let (store, limit) = (self.store.clone(), self.config.store_timeout);
-        let mut claiming: Call<StoreResult<Vec<Job>>> = None;
-        let mut writing: Call<(Completions, StoreResult<Vec<WriteOutcome>>)> = None;
-        let (mut claim_more, mut write_more) = (claim && !self.draining, write);
-        let mut first_claim = true;
-        let mut asked = 0;
-        let mut claim_sent = tokio::time::Instant::now();
-        let mut claim_id = None;
-        let mut claimed: Option<StoreResult<(usize, bool)>> = None;
-        let mut written = true;
+    /// The production loop's claims: claims up to the room for jobs, and claims again at once
+    /// while the last claim came back full and half the room is free again (no new claim starts
+    /// after `until`); jobs finishing meanwhile are collected, and buffered jobs start in the
+    /// freed slots. The completer writes outcomes meanwhile, on its own.
+    pub(crate) async fn claim_while_full(&mut self, until: tokio::time::Instant) -> Claimed {
+        let mut claimed: Claimed = None;
+        let mut total = 0;
         loop {
-            let open = tokio::time::Instant::now() < until;
-            if claiming.is_none() && claim_more && (open || first_claim) {
-                let room = self.claim_room();
-                if room > 0 && (first_claim || room >= self.claim_capacity().div_ceil(2)) {
-                    let params = self.claim_params(room);
-                    let store = store.clone();
-                    asked = room;
-                    claim_sent = tokio::time::Instant::now();
-                    claim_id = params.claim_id;
-                    claiming = Some(Box::pin(async move {
-                        timed(limit, "claim", store.job_claim(&params)).await
-                    }));
-                } else if first_claim {
-                    claim_more = false;
+            let room = self.claim_room();
+            let first = claimed.is_none();
+            let worth = room > 0 && (first || room >= self.claim_capacity().div_ceil(2));
+            if self.draining || !worth || (!first && tokio::time::Instant::now() >= until) {
+                return claimed;
+            }
+            match self.claim_collecting(room).await {
+                Ok((n, full)) => {
+                    total += n;
+                    claimed = Some(Ok((total, full)));
+                    if !full {
+                        return claimed;
+                    }
                 }
-                first_claim = false;
+                Err(err) => return Some(Err(err)),
             }
-            if writing.is_none() && write_more && !self.completions.is_empty() {
-                let batch = self.take_completion_batch();
-                let store = store.clone();
-                writing = Some(Box::pin(async move {
-                    let result = timed(limit, "complete", store.job_complete_many(&batch)).await;
-                    (batch, result)
-                }));
-            }
-            if claiming.is_none() && writing.is_none() {
-                break;
-            }
+        }
+    }
+
+    /// One claim of up to `room` jobs, collecting finished jobs (and the completer's answers)
+    /// while it is on its way. Returns how many came and whether the claim came back full.
+    async fn claim_collecting(&mut self, room: usize) -> StoreResult<(usize, bool)> {
+        let params = self.claim_params(room);
+        let (store, limit) = (self.store.clone(), self.config.store_timeout);
+        let mailbox = self.mailbox.clone();
+        let sent = tokio::time::Instant::now();
+        let call = timed(limit, "claim", store.job_claim(&params));
+        tokio::pin!(call);
+        let result = loop {
             tokio::select! {
-                result = finish(&mut claiming), if claiming.is_some() => {
-                    claiming = None;
-                    self.note_failure("claim", &result);
-                    match result {
-                        Ok(jobs) => {
-                            let full = jobs.len() >= asked;
-                            let n = self.apply_claim(jobs, claim_sent);
-                            let total = match &claimed {
-                                Some(Ok((total, _))) => *total,
-                                _ => 0,
-                            };
-                            claimed = Some(Ok((total + n, full)));
-                            claim_more = full;
-                        }
-                        Err(err) => {
-                            self.claim_lost(claim_id, claim_sent);
-                            claimed = Some(Err(err));
-                            claim_more = false;
-                        }
-                    }
-                }
-                result = finish(&mut writing), if writing.is_some() => {
-                    writing = None;
-                    let (batch, result) = result;
-                    self.note_failure("complete", &result);
-                    if !self.apply_completions(batch, result) {
-                        written = false;
-                        write_more = false;
-                    }
-                }
-                _ = self.next_finished(), if self.has_tasks() => {
-                    self.collect_finished();
-                    self.start_buffered();
-                }
-                open = async {
-                    match wake.as_mut() {
-                        Some(rx) => rx.changed().await.is_ok(),
-                        None => std::future::pending().await,
-                    }
-                }, if may_claim && !self.draining && claiming.is_none() && !claim_more => {
-                    if open {
-                        (claim_more, first_claim) = (true, true);
-                    } else {
-                        wake = None; // closed: the event loop notices and says so
-                    }
-                }
+                result = &mut call => break result,
+                _ = self.next_finished(), if self.has_tasks() => self.start_buffered(),
+                () = mailbox.posted() => self.take_answers(),
+            }
+        };
+        self.note_failure("claim", &result);
+        match result {
+            Ok(jobs) => {
+                let full = jobs.len() >= room;
+                Ok((self.apply_claim(jobs, sent), full))
+            }
+            Err(err) => {
+                self.claim_lost(params.claim_id, sent);
+                Err(err)
             }
         }
-        if write && written {
-            written = self.write_others().await;
-        }
-        self.sync_gauges();
-        Exchanged { claimed, written }
     }
 
     /// Starts the handler of a freshly claimed job in its own task (or queues the permanent
-    /// failure of a kind without handler); `deadline` is its lease's end by the monotonic clock.
-    pub(crate) fn start(&mut self, job: Job, deadline: tokio::time::Instant) {
+    /// failure of a kind without handler); `held` is its lease, as claimed or buffered.
+    pub(crate) fn start(&mut self, job: Job, mut held: Held) {
         let lease = LeaseRef::of(&job);
-        let cancel = CancellationToken::new();
-        let lease_expires_at = job.lease_expires_at.unwrap_or(job.next_run_at);
-        let labels = JobLabels::of(&self.labels, &job);
-        telemetry::claimed(&labels, &job);
-        let held = Held {
-            kind: job.kind.clone(),
-            attempt: job.attempts,
-            labels,
-            started: tokio::time::Instant::now(),
-            run_time: None,
-            lease_expires_at,
-            deadline,
-            cancel: cancel.clone(),
-            running: false,
-            lost: false,
-            cancel_requested: false,
-            write_failed: false,
-        };
+        let lease_expires_at = held.lease_expires_at;
+        telemetry::claimed(&held.labels, &job);
+        held.started = tokio::time::Instant::now();
+        let cancel = held.cancel.clone();
+        if held.cancel_requested {
+            cancel.cancel();
+        }
         let Some(handler) = self.registry.get(&job.kind) else {
             job_event!(
                 warn,
@@ -320,8 +219,7 @@ impl<S: JobStore> Worker<S> {
             self.count(Counter::unknown_kind, 1);
             let error = format!("no handler registered for kind {:?}", job.kind);
             self.held.insert(lease, held);
-            self.others
-                .push_back((lease, permanent(error, FailureKind::Worker)));
+            self.submit(lease, permanent(error, FailureKind::Worker));
             return;
         };
         let timeout = job
@@ -361,13 +259,8 @@ impl<S: JobStore> Worker<S> {
         let abort = self.tasks.spawn(task.instrument(span));
         self.task_leases.insert(abort.id(), lease);
         job_event!(debug, lease, held, "job started");
-        self.held.insert(
-            lease,
-            Held {
-                running: true,
-                ..held
-            },
-        );
+        held.state = LeaseState::Running;
+        self.held.insert(lease, held);
     }
 
     /// Records the end of a job task: its outcome becomes a pending write (unless the lease was
@@ -383,7 +276,7 @@ impl<S: JobStore> Worker<S> {
         let Some(held) = self.held.get_mut(&lease) else {
             return;
         };
-        held.running = false;
+        let lost = held.state == LeaseState::Lost;
         held.run_time = Some(held.started.elapsed());
         // A recorded outcome committed with the handler's own fenced write, even when a heartbeat
         // meanwhile found the lease "lost" (it waited on that transaction's row lock and then saw
@@ -393,7 +286,7 @@ impl<S: JobStore> Worker<S> {
             self.recorded(lease, attempt, job);
             return;
         }
-        if held.lost {
+        if lost {
             job_event!(
                 info,
                 lease,
@@ -446,18 +339,10 @@ impl<S: JobStore> Worker<S> {
                     FailureKind::Panic,
                 ))
             }
-            Err(_) => {
-                // Aborted: only a shutdown aborts tasks, and it gives their leases back itself.
-                Err(Write::Snooze {
-                    delay_ms: 0,
-                    release: true,
-                })
-            }
+            // Aborted: only a shutdown aborts tasks, and it gives their leases back itself.
+            Err(_) => Err(GIVE_BACK),
         };
-        match write {
-            Ok(result) => self.completions.push((lease, result)),
-            Err(write) => self.others.push_back((lease, write)),
-        }
+        self.submit(lease, write.map_or_else(|write| write, Write::Complete));
     }
 
     /// Collects every job task that has already finished, without waiting.

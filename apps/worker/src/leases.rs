@@ -1,14 +1,16 @@
 //! Keeping leases and giving them back: the batched heartbeat (lost leases, cancel requests,
 //! leases that ended while the store was unreachable) and the graceful shutdown.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use faultline_ports::{HeartbeatOutcome, JobStore, LeaseRef, StoreError, StoreResult};
 
+use crate::claims::GIVE_BACK;
 use crate::stats::Counter;
 use crate::telemetry;
 use crate::worker::{HeartbeatReport, ShutdownReport};
-use crate::worker::{Worker, Write, job_event};
+use crate::worker::{LeaseState, Worker, job_event};
 
 impl<S: JobStore> Worker<S> {
     /// Extends every live lease with one store call. A lost lease fires its handler's token and
@@ -19,7 +21,7 @@ impl<S: JobStore> Worker<S> {
         let leases: Vec<LeaseRef> = self
             .held
             .iter()
-            .filter(|(_, held)| !held.lost)
+            .filter(|(_, held)| held.state != LeaseState::Lost)
             .map(|(lease, _)| *lease)
             .collect();
         let mut report = HeartbeatReport::default();
@@ -52,6 +54,7 @@ impl<S: JobStore> Worker<S> {
                 return Err(err);
             }
         };
+        let mut writing = HashMap::new();
         for (lease, outcome) in leases.into_iter().zip(outcomes) {
             match outcome {
                 HeartbeatOutcome::Extended {
@@ -64,6 +67,9 @@ impl<S: JobStore> Worker<S> {
                     };
                     held.lease_expires_at = lease_expires_at;
                     held.deadline = sent + self.config.lease;
+                    if held.state == LeaseState::Writing {
+                        writing.insert(lease, held.deadline);
+                    }
                     if cancel_requested && !held.cancel_requested {
                         held.cancel_requested = true;
                         held.cancel.cancel();
@@ -79,6 +85,9 @@ impl<S: JobStore> Worker<S> {
                 }
             }
         }
+        if !writing.is_empty() {
+            self.completer.extend(&writing);
+        }
         self.sync_gauges();
         Ok(report)
     }
@@ -90,7 +99,7 @@ impl<S: JobStore> Worker<S> {
         let ended: Vec<LeaseRef> = self
             .held
             .iter()
-            .filter(|(_, held)| held.running && !held.lost && held.deadline <= now)
+            .filter(|(_, held)| held.state == LeaseState::Running && held.deadline <= now)
             .map(|(lease, _)| *lease)
             .collect();
         for lease in ended {
@@ -104,7 +113,9 @@ impl<S: JobStore> Worker<S> {
         let Some(held) = self.held.get_mut(&lease) else {
             return;
         };
-        held.lost = true;
+        if held.state == LeaseState::Lost {
+            return;
+        }
         held.cancel.cancel();
         job_event!(
             warn,
@@ -113,12 +124,18 @@ impl<S: JobStore> Worker<S> {
             reason = why,
             "lease lost: handler cancelled, its outcome will not be written"
         );
-        let running = held.running;
+        let was = std::mem::replace(&mut held.state, LeaseState::Lost);
         self.count(Counter::leases_lost, 1);
-        if !running {
-            self.held.remove(&lease);
-            self.completions.retain(|(pending, _)| *pending != lease);
-            self.others.retain(|(pending, _)| *pending != lease);
+        match was {
+            // Kept until the handler returns (its outcome is discarded then).
+            LeaseState::Running | LeaseState::Lost => {}
+            LeaseState::Buffered => {
+                self.held.remove(&lease);
+            }
+            LeaseState::Writing => {
+                self.held.remove(&lease);
+                self.completer.withdraw(lease);
+            }
         }
     }
 
@@ -163,7 +180,7 @@ impl<S: JobStore> Worker<S> {
         let running: Vec<LeaseRef> = self
             .held
             .iter()
-            .filter(|(_, held)| held.running)
+            .filter(|(_, held)| matches!(held.state, LeaseState::Running | LeaseState::Lost))
             .map(|(lease, _)| *lease)
             .collect();
         for lease in &running {
@@ -171,8 +188,7 @@ impl<S: JobStore> Worker<S> {
                 continue;
             };
             held.cancel.cancel();
-            held.running = false;
-            if held.lost {
+            if held.state == LeaseState::Lost {
                 self.held.remove(lease);
                 continue;
             }
@@ -182,20 +198,16 @@ impl<S: JobStore> Worker<S> {
                 held,
                 "grace period over: handler cancelled, giving the lease back"
             );
-            self.others.push_back((
-                *lease,
-                Write::Snooze {
-                    delay_ms: 0,
-                    release: true,
-                },
-            ));
+            self.submit(*lease, GIVE_BACK);
         }
         self.sync_gauges();
         running.len()
     }
 
     /// Writes what is pending, retrying with backoff for at most `db_backoff_max`; drops the rest.
-    /// Gives back the jobs of lost claims once more.
+    /// Gives back the jobs of lost claims once more. (With a shared completer whose writer is
+    /// running, this worker's writes may be on their way in its round: their answers are awaited
+    /// within the same limit.)
     pub(crate) async fn final_flush(&mut self) {
         if !self.lost_claims.is_empty() {
             self.release_lost_claims().await;
@@ -203,30 +215,39 @@ impl<S: JobStore> Worker<S> {
         let give_up_at = tokio::time::Instant::now() + self.config.db_backoff_max;
         let mut backoff =
             crate::backoff::Backoff::new(self.config.db_backoff_min, self.config.db_backoff_max);
-        while !self.write_pending().await {
-            let now = tokio::time::Instant::now();
-            let pause = backoff.failed(now);
-            if now + pause > give_up_at {
+        let mailbox = self.mailbox.clone();
+        loop {
+            let written = self.write_pending().await;
+            if self.pending_writes() == 0 {
                 break;
             }
-            tokio::time::sleep(pause).await;
+            let now = tokio::time::Instant::now();
+            let next = if written {
+                give_up_at
+            } else {
+                now + backoff.failed(now)
+            };
+            if next > give_up_at || now >= give_up_at {
+                break;
+            }
+            tokio::select! {
+                () = mailbox.posted() => {}
+                () = tokio::time::sleep_until(next) => {}
+            }
         }
+        self.completer.withdraw_all(&self.mailbox);
+        self.take_answers();
         let leftover: Vec<LeaseRef> = self
-            .completions
-            .drain(..)
-            .map(|(lease, _)| lease)
-            .chain(self.others.drain(..).map(|(lease, _)| lease))
+            .held
+            .iter()
+            .filter(|(_, held)| held.state == LeaseState::Writing)
+            .map(|(lease, _)| *lease)
             .collect();
         for lease in leftover {
-            self.count(Counter::writes_dropped, 1);
-            if let Some(held) = self.held.remove(&lease) {
-                job_event!(
-                    warn,
-                    lease,
-                    held,
-                    "store unreachable at shutdown: outcome dropped (the rescuer retries the job)"
-                );
-            }
+            self.dropped(
+                lease,
+                "store unreachable at shutdown: outcome dropped (the rescuer retries the job)",
+            );
         }
         self.sync_gauges();
     }

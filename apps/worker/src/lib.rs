@@ -7,6 +7,8 @@
 //! * [`Handler`], [`JobContext`], [`Outcome`], [`Registry`]: what job code looks like.
 //! * [`Worker`]: the runtime. [`Worker::run`] for production; step methods
 //!   ([`Worker::run_once`], [`Worker::heartbeat_once`], ...) for tests.
+//! * [`Completer`]: the process's one writer of outcomes, shared by its workers (one per queue)
+//!   with [`Worker::with_completer`]; a worker without one writes through a completer of its own.
 //! * [`WorkerConfig`]: every knob, with production defaults.
 //! * [`Maintenance`] / [`MaintenanceConfig`]: the process registry entry and the services only the
 //!   elected leader runs (rescuer, pruner, reaper); run one per process next to its workers or
@@ -48,6 +50,7 @@
 
 mod backoff;
 mod claims;
+mod completer;
 mod config;
 mod handler;
 mod leases;
@@ -59,6 +62,7 @@ mod telemetry;
 mod worker;
 mod writes;
 
+pub use completer::{Completer, CompleterConfig};
 pub use config::{ConfigError, WorkerConfig, host_name};
 pub use handler::{Handler, JobContext, Outcome, Registry};
 pub use maintenance::{Maintenance, MaintenanceConfig, MaintenanceHandle};

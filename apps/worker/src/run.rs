@@ -3,10 +3,11 @@
 //! store instead of ever exiting on its errors. (The rescuer and the pruner are maintenance
 //! services of the elected leader: see `maintenance.rs`.)
 //!
-//! The loop sleeps until the earliest of its deadlines (poll, heartbeat, write retry) or until a job finishes or a wake-up arrives: no busy loop when idle, and no
-//! claim while every slot is busy and the buffer full. A claim and a batch of completions go to
-//! the store at once ([`Worker::exchange`]), and outcomes pile up while they are on their way, so
-//! the busier the worker, the larger its batches (no timer adds latency to batch them).
+//! The loop sleeps until the earliest of its deadlines (poll, heartbeat, lost-claim release) or
+//! until a job finishes, the completer answers or a wake-up arrives: no busy loop when idle, and
+//! no claim while every slot is busy and the buffer full. Outcomes go to the completer, which
+//! writes them while the loop claims; they pile up while a round is on its way, so the busier the
+//! process, the larger its batches (no timer adds latency to batch them).
 
 use tokio::time::{Duration, Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
@@ -42,11 +43,23 @@ impl<S: JobStore> Worker<S> {
             kinds = ?self.registry.kinds(),
             "worker started"
         );
+        // A completer of the worker's own writes while the worker runs (a shared one is run by
+        // whoever shares it).
+        let writer = self.own_completer.then(|| {
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(self.completer.clone().run(stop.clone()));
+            (task, stop)
+        });
         if !self.draining {
             self.event_loop(Until::Stopped(&shutdown)).await;
         }
         let grace = self.config.shutdown_grace;
-        self.shutdown(grace).await
+        let report = self.shutdown(grace).await;
+        if let Some((task, stop)) = writer {
+            stop.cancel();
+            let _ = task.await;
+        }
+        report
     }
 
     /// The shutdown's wait: heartbeats and writes go on, nothing is claimed.
@@ -59,8 +72,8 @@ impl<S: JobStore> Worker<S> {
         let config = self.config.clone();
         let heartbeat_every = config.heartbeat_every();
         let backoff = || Backoff::new(config.db_backoff_min, config.db_backoff_max);
-        let (mut claim_backoff, mut write_backoff, mut heartbeat_backoff) =
-            (backoff(), backoff(), backoff());
+        let (mut claim_backoff, mut heartbeat_backoff) = (backoff(), backoff());
+        let mailbox = self.mailbox.clone();
 
         let start = Instant::now();
         let mut next_heartbeat = start + heartbeat_every;
@@ -81,6 +94,7 @@ impl<S: JobStore> Worker<S> {
             }
             self.collect_finished();
             self.start_buffered();
+            self.take_answers();
 
             let now = Instant::now();
             if now >= next_heartbeat {
@@ -106,44 +120,30 @@ impl<S: JobStore> Worker<S> {
                 next_release = Instant::now() + RELEASE_EVERY;
             }
 
-            // Claim (up to the free slots plus the buffer's room) and write outcomes, at once.
+            // Claim up to the free slots plus the buffer's room (the completer writes meanwhile).
             let now = Instant::now();
             let claim = claiming
                 && self.claim_room() > 0
                 && (claim_wanted || now >= next_poll)
                 && claim_backoff.is_ready(now);
-            let write = self.pending_writes() > 0 && write_backoff.is_ready(now);
-            if claim || write {
+            if claim {
                 let idle = self.live_leases() == 0;
-                // New store calls stop when the heartbeat is due.
-                let until = next_heartbeat;
-                let may_claim = claiming && claim_backoff.is_ready(now);
-                let done = self
-                    .exchange(claim, write, until, wake.as_mut(), may_claim)
-                    .await;
-                if write {
-                    if done.written {
-                        write_backoff.succeeded();
-                    } else {
-                        write_backoff.failed(Instant::now());
-                    }
-                }
-                if let Some(claimed) = done.claimed {
-                    match claimed {
-                        Ok((claimed, full)) => {
-                            claim_backoff.succeeded();
-                            claim_wanted = full;
-                            if idle && claimed > 0 {
-                                next_heartbeat = Instant::now() + heartbeat_every;
-                            }
-                        }
-                        Err(_) => {
-                            claim_backoff.failed(now);
-                            claim_wanted = true;
+                // New claims stop when the heartbeat is due.
+                match self.claim_while_full(next_heartbeat).await {
+                    Some(Ok((claimed, full))) => {
+                        claim_backoff.succeeded();
+                        claim_wanted = full;
+                        if idle && claimed > 0 {
+                            next_heartbeat = Instant::now() + heartbeat_every;
                         }
                     }
-                    next_poll = Instant::now() + config.poll_interval;
+                    Some(Err(_)) => {
+                        claim_backoff.failed(now);
+                        claim_wanted = true;
+                    }
+                    None => {}
                 }
+                next_poll = Instant::now() + config.poll_interval;
             }
 
             // Sleep until the earliest deadline, a finished job, a wake-up or the stop signal.
@@ -159,9 +159,6 @@ impl<S: JobStore> Worker<S> {
             }
             if self.live_leases() > 0 {
                 wake_at = wake_at.min(next_heartbeat);
-            }
-            if self.pending_writes() > 0 {
-                wake_at = wake_at.min(write_backoff.ready_at().unwrap_or(now));
             }
             if !self.lost_claims.is_empty() {
                 wake_at = wake_at.min(next_release);
@@ -190,6 +187,7 @@ impl<S: JobStore> Worker<S> {
                 finished = self.next_finished(), if self.has_tasks() => {
                     debug_assert!(finished);
                 }
+                () = mailbox.posted() => {}
                 open = woken => {
                     if open {
                         claim_wanted = true;

@@ -6,10 +6,10 @@
 //! Every lease the worker holds is one entry of `held`, keyed by (job id, fencing token), from the
 //! claim until its outcome is written, dropped, or the lease is found lost. The production loop may
 //! claim a few more jobs than it has free slots: those wait in `buffered` (their leases held and
-//! heartbeated like the others) until a slot frees, and are given back at once on shutdown. Writes wait in
-//! `completions` (batched) and `others` (failures, batched; snoozes, one call each) until the
-//! store accepts or refuses them; a write whose lease ended (by the worker's monotonic clock) is
-//! dropped.
+//! heartbeated like the others) until a slot frees, and are given back at once on shutdown. Each
+//! entry's [`LeaseState`] says where the lease stands (buffered, running, writing, lost). Outcomes
+//! go to the process's [`Completer`], which writes them (batched with the other producers') and
+//! answers in the worker's mailbox.
 
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
@@ -20,11 +20,12 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use faultline_domain::{FailureKind, Job, Limits};
 use faultline_ports::{Failure, JobStore, LabelGuard, LeaseRef, StoreError, StoreResult};
-use serde_json::Value;
 use tokio::sync::watch;
 use tokio::task::{self, JoinSet};
 use tokio_util::sync::CancellationToken;
 
+pub(crate) use crate::completer::Write;
+use crate::completer::{Completer, CompleterConfig, Mailbox};
 use crate::config::{ConfigError, WorkerConfig, millis};
 use crate::lost::LostClaim;
 use crate::stats::{Counter, Counters, WorkerStats};
@@ -33,9 +34,6 @@ use crate::{Outcome, Registry};
 
 /// What a finished job task hands back: the handler's outcome, or the timeout that stopped it.
 pub(crate) type Finished = Result<Outcome, Duration>;
-
-/// Completions to write: each lease with the handler's result.
-pub(crate) type Completions = Vec<(LeaseRef, Option<Value>)>;
 
 /// A step's account of what it did (see the step methods of [`Worker`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -51,15 +49,10 @@ pub struct StepReport {
     pub pending_writes: usize,
 }
 
-/// What one [`Worker::exchange`] did.
-#[derive(Debug)]
-pub(crate) struct Exchanged {
-    /// `None`: nothing was claimed; `Some(Ok((jobs, full)))`: the claims went through, and the
-    /// last one came back full (more jobs are probably waiting); `Some(Err(_))`: a claim failed.
-    pub(crate) claimed: Option<StoreResult<(usize, bool)>>,
-    /// Every write went through (`false`: the store could not be reached; they are pending).
-    pub(crate) written: bool,
-}
+/// What the production loop's claims did: `None`, nothing was claimed; `Some(Ok((jobs, full)))`,
+/// the claims went through and the last one came back full (more jobs are probably waiting);
+/// `Some(Err(_))`, a claim failed.
+pub(crate) type Claimed = Option<StoreResult<(usize, bool)>>;
 
 /// What one [`Worker::heartbeat_once`] learnt.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -82,9 +75,25 @@ pub struct ShutdownReport {
     pub counts: Counters,
 }
 
+/// Where a lease the worker holds stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LeaseState {
+    /// Claimed, waiting in the buffer for a free slot.
+    Buffered,
+    /// Its handler runs (its task occupies a slot).
+    Running,
+    /// The handler returned (or the lease is being given back): the write is with the
+    /// completer.
+    Writing,
+    /// Found lost while its handler still runs: the token fired, and whatever the handler
+    /// returns is discarded (the entry goes when it returns).
+    Lost,
+}
+
 /// One lease the worker holds.
 #[derive(Debug)]
 pub(crate) struct Held {
+    pub(crate) state: LeaseState,
     pub(crate) kind: String,
     pub(crate) attempt: i32,
     /// The job's metric labels.
@@ -101,26 +110,28 @@ pub(crate) struct Held {
     pub(crate) deadline: tokio::time::Instant,
     /// The handler's token.
     pub(crate) cancel: CancellationToken,
-    /// The handler is still running (its task occupies a slot).
-    pub(crate) running: bool,
-    /// The lease is gone: the token fired, the outcome will not be written.
-    pub(crate) lost: bool,
-    /// A heartbeat reported a cancel request (and the token fired).
+    /// A heartbeat reported a cancel request (and the token fired, or fires when the buffered
+    /// job starts).
     pub(crate) cancel_requested: bool,
-    /// A write of the outcome failed on a backend error: further tries are made only while the
-    /// lease lasts.
-    pub(crate) write_failed: bool,
 }
 
-/// A write other than a completion: one store call each.
-#[derive(Debug)]
-pub(crate) enum Write {
-    Fail(Failure),
-    Snooze {
-        delay_ms: i64,
-        /// A lease given back at shutdown (counted as `released`, not `snoozed`).
-        release: bool,
-    },
+impl Held {
+    /// A lease just claimed (its handler not started yet), ending at `deadline` by the monotonic
+    /// clock.
+    pub(crate) fn claimed(job: &Job, labels: JobLabels, deadline: tokio::time::Instant) -> Self {
+        Self {
+            state: LeaseState::Buffered,
+            kind: job.kind.clone(),
+            attempt: job.attempts,
+            labels,
+            started: tokio::time::Instant::now(),
+            run_time: None,
+            lease_expires_at: job.lease_expires_at.unwrap_or(job.next_run_at),
+            deadline,
+            cancel: CancellationToken::new(),
+            cancel_requested: false,
+        }
+    }
 }
 
 /// Emits a tracing event about one lease with the fields every job log line carries.
@@ -160,8 +171,13 @@ pub struct Worker<S: JobStore> {
     pub(crate) held: HashMap<LeaseRef, Held>,
     pub(crate) tasks: JoinSet<Finished>,
     pub(crate) task_leases: HashMap<task::Id, LeaseRef>,
-    pub(crate) completions: Vec<(LeaseRef, Option<Value>)>,
-    pub(crate) others: VecDeque<(LeaseRef, Write)>,
+    /// Writes every outcome (shared with the other producers of the process, or this worker's
+    /// own).
+    pub(crate) completer: Completer<S>,
+    /// This worker runs its completer's writer itself in [`Worker::run`] (it is not shared).
+    pub(crate) own_completer: bool,
+    /// Where the completer answers this worker's writes.
+    pub(crate) mailbox: Arc<Mailbox>,
     /// Claimed jobs waiting for a free slot, oldest first (each also has its entry in `held`).
     pub(crate) buffered: VecDeque<Job>,
     /// Claim calls whose answer was lost: their jobs are given back (see `lost.rs`).
@@ -215,6 +231,7 @@ impl<S: JobStore> Worker<S> {
                 reason: "has no handler: every job claimed would fail".into(),
             });
         }
+        let completer = Completer::new(store.clone(), CompleterConfig::of(&config));
         Ok(Self {
             store,
             registry,
@@ -224,8 +241,9 @@ impl<S: JobStore> Worker<S> {
             held: HashMap::new(),
             tasks: JoinSet::new(),
             task_leases: HashMap::new(),
-            completions: Vec::new(),
-            others: VecDeque::new(),
+            completer,
+            own_completer: true,
+            mailbox: Arc::default(),
             buffered: VecDeque::new(),
             lost_claims: Vec::new(),
             run_time_avg: None,
@@ -241,6 +259,15 @@ impl<S: JobStore> Worker<S> {
     /// [`LabelGuard::DEFAULT_CAP`]).
     pub fn with_metric_labels(mut self, labels: LabelGuard) -> Self {
         self.labels = labels;
+        self
+    }
+
+    /// Hands every outcome to `completer`, shared with the process's other producers (default: a
+    /// completer of the worker's own, whose writer [`Worker::run`] runs). Whoever shares one runs
+    /// [`Completer::run`] while the workers run, and stops it once they have shut down.
+    pub fn with_completer(mut self, completer: Completer<S>) -> Self {
+        self.completer = completer;
+        self.own_completer = false;
         self
     }
 
@@ -278,7 +305,10 @@ impl<S: JobStore> Worker<S> {
 
     /// Outcomes waiting to be written.
     pub fn pending_writes(&self) -> usize {
-        self.completions.len() + self.others.len()
+        self.held
+            .values()
+            .filter(|held| held.state == LeaseState::Writing)
+            .count()
     }
 
     /// Free slots: how many more handlers may start now.
@@ -288,7 +318,10 @@ impl<S: JobStore> Worker<S> {
 
     /// Leases a heartbeat would extend (held and not known to be lost).
     pub(crate) fn live_leases(&self) -> usize {
-        self.held.values().filter(|held| !held.lost).count()
+        self.held
+            .values()
+            .filter(|held| held.state != LeaseState::Lost)
+            .count()
     }
 
     pub(crate) fn has_tasks(&self) -> bool {

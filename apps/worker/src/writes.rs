@@ -1,22 +1,22 @@
-//! Writing outcomes: completions in batches, failures in batches (`job_fail_many`), snoozes
-//! one by one; what the store answered, and which writes are dropped once their lease ended.
+//! Outcomes, the producer's side: handing each to the completer (see `completer.rs`), taking its
+//! answers, and the bookkeeping of what the store did with them.
 
 use faultline_domain::{FailureKind, Job, JobState};
-use faultline_ports::{
-    FailOutcome, Failure, JobStore, LeaseRef, StoreError, StoreResult, WriteOutcome,
-};
+use faultline_ports::{JobStore, LeaseRef};
 
+use crate::completer::Answer;
 use crate::stats::Counter;
 use crate::telemetry;
 use crate::worker::StepReport;
-use crate::worker::{Completions, Held, Worker, Write, job_event, retryable};
+use crate::worker::{LeaseState, Worker, Write, job_event, retryable};
 
 impl<S: JobStore> Worker<S> {
-    /// Tries every pending write once: completions in batches, failures and snoozes one by one.
-    /// Stops at the first backend error, keeping that write and the rest for the next flush.
-    /// A write is always tried once (the store's fencing decides whether it still applies); a
-    /// write that already failed is dropped instead of retried once its lease has ended by the
-    /// worker's clock (the rescuer retries those jobs).
+    /// Writes every pending outcome once (with the completer's batching: completions and
+    /// failures in batches, snoozes one by one) and takes the answers. Stops at the first call
+    /// that cannot reach the store, keeping its writes and the rest for the next flush. A write
+    /// is always tried once (the store's fencing decides whether it still applies); a write that
+    /// already failed is dropped instead of retried once its lease has ended by the worker's
+    /// clock (the rescuer retries those jobs).
     pub async fn flush(&mut self) -> StepReport {
         let before = self.stats.counters();
         if !self.lost_claims.is_empty() {
@@ -26,207 +26,39 @@ impl<S: JobStore> Worker<S> {
         self.report(0, &before)
     }
 
-    /// [`Worker::flush`]; returns `false` when a backend error left writes pending.
+    /// [`Worker::flush`] without the lost claims; `false` when a call could not reach the store
+    /// (writes are pending).
     pub(crate) async fn write_pending(&mut self) -> bool {
-        self.drop_expired_writes();
-        let ok = self.write_completions().await && self.write_others().await;
-        self.sync_gauges();
+        let ok = self.completer.write_round().await;
+        self.take_answers();
         ok
     }
 
-    pub(crate) fn drop_expired_writes(&mut self) {
-        let now = tokio::time::Instant::now();
-        let expired =
-            |held: Option<&Held>| held.is_none_or(|held| held.write_failed && held.deadline <= now);
-        let mut dropped = Vec::new();
-        self.completions.retain(|(lease, _)| {
-            let keep = !expired(self.held.get(lease));
-            if !keep {
-                dropped.push(*lease);
-            }
-            keep
-        });
-        self.others.retain(|(lease, _)| {
-            let keep = !expired(self.held.get(lease));
-            if !keep {
-                dropped.push(*lease);
-            }
-            keep
-        });
-        for lease in dropped {
-            self.count(Counter::writes_dropped, 1);
-            if let Some(held) = self.held.remove(&lease) {
-                job_event!(
-                    warn,
+    /// Hands the write of `lease` to the completer.
+    pub(crate) fn submit(&mut self, lease: LeaseRef, write: Write) {
+        let Some(held) = self.held.get_mut(&lease) else {
+            return;
+        };
+        held.state = LeaseState::Writing;
+        let deadline = held.deadline;
+        self.completer.submit(lease, write, deadline, &self.mailbox);
+    }
+
+    /// Records every answer the completer has posted so far.
+    pub(crate) fn take_answers(&mut self) {
+        for answer in self.mailbox.take() {
+            match answer {
+                Answer::Applied(lease, counter) => self.resolved(lease, counter),
+                Answer::Stale(lease, operation) => self.stale(lease, operation),
+                Answer::Refused(lease) => self.refused(lease),
+                Answer::Dropped(lease) => self.dropped(
                     lease,
-                    held,
-                    "lease ended before the outcome could be written: dropped (the rescuer retries the job)"
-                );
+                    "lease ended before the outcome could be written: dropped (the rescuer retries the job)",
+                ),
+                Answer::Unreachable => self.count(Counter::db_errors, 1),
             }
         }
-    }
-
-    pub(crate) async fn write_completions(&mut self) -> bool {
-        while !self.completions.is_empty() {
-            let batch = self.take_completion_batch();
-            let result = self
-                .call("complete", self.store.job_complete_many(&batch))
-                .await;
-            if !self.apply_completions(batch, result) {
-                return false;
-            }
-        }
-        true
-    }
-
-    /// The next completions to write in one statement.
-    pub(crate) fn take_completion_batch(&mut self) -> Completions {
-        let n = self
-            .completions
-            .len()
-            .min(self.config.completion_batch_size);
-        self.completions.drain(..n).collect()
-    }
-
-    /// Records what the store answered to a batch of completions; `false` when it could not be
-    /// reached (the batch is pending again, first in line).
-    pub(crate) fn apply_completions(
-        &mut self,
-        batch: Completions,
-        result: StoreResult<Vec<WriteOutcome>>,
-    ) -> bool {
-        let result = result.and_then(|outcomes| {
-            if outcomes.len() == batch.len() {
-                Ok(outcomes)
-            } else {
-                Err(StoreError::Backend(
-                    format!(
-                        "{} outcomes for {} completions",
-                        outcomes.len(),
-                        batch.len()
-                    )
-                    .into(),
-                ))
-            }
-        });
-        match result {
-            Ok(outcomes) => {
-                for ((lease, _), outcome) in batch.iter().zip(outcomes) {
-                    match outcome {
-                        WriteOutcome::Accepted => self.resolved(*lease, Counter::completed),
-                        WriteOutcome::Stale => self.stale(*lease, "complete"),
-                    }
-                }
-            }
-            Err(StoreError::Backend(_)) => {
-                for (lease, _) in &batch {
-                    self.write_failed(*lease);
-                }
-                let rest = std::mem::replace(&mut self.completions, batch);
-                self.completions.extend(rest);
-                return false;
-            }
-            Err(_) => {
-                for (lease, _) in batch {
-                    self.refused(lease);
-                }
-            }
-        }
-        true
-    }
-
-    /// Writes failures and snoozes in queue order: consecutive failures in one statement
-    /// (`job_fail_many`, up to `completion_batch_size`), snoozes one call each.
-    pub(crate) async fn write_others(&mut self) -> bool {
-        while let Some((lease, write)) = self.others.pop_front() {
-            let (delay_ms, release) = match write {
-                Write::Fail(failure) => {
-                    if !self.write_failures(lease, failure).await {
-                        return false;
-                    }
-                    continue;
-                }
-                Write::Snooze { delay_ms, release } => (delay_ms, release),
-            };
-            let result = self
-                .call("snooze", self.store.job_snooze(lease, delay_ms))
-                .await;
-            match result {
-                Ok(job) => {
-                    let counter = match job.state {
-                        JobState::Cancelled => Counter::cancelled,
-                        _ if release => Counter::released,
-                        _ => Counter::snoozed,
-                    };
-                    self.resolved(lease, counter);
-                }
-                Err(StoreError::StaleLease { .. }) => self.stale(lease, "snooze"),
-                Err(StoreError::Backend(_)) => {
-                    self.write_failed(lease);
-                    self.others
-                        .push_front((lease, Write::Snooze { delay_ms, release }));
-                    return false;
-                }
-                Err(_) => self.refused(lease),
-            }
-        }
-        true
-    }
-
-    /// Writes `first` and the failures that follow it in the queue, up to a batch, in one
-    /// statement; `false` when the store could not be reached (they are pending again, first in
-    /// line).
-    pub(crate) async fn write_failures(&mut self, lease: LeaseRef, first: Failure) -> bool {
-        let mut batch: Vec<(LeaseRef, Failure)> = vec![(lease, first)];
-        while batch.len() < self.config.completion_batch_size
-            && matches!(self.others.front(), Some((_, Write::Fail(_))))
-        {
-            if let Some((lease, Write::Fail(failure))) = self.others.pop_front() {
-                batch.push((lease, failure));
-            }
-        }
-        let result = self
-            .call("fail", self.store.job_fail_many(&batch))
-            .await
-            .and_then(|outcomes| {
-                if outcomes.len() == batch.len() {
-                    Ok(outcomes)
-                } else {
-                    Err(StoreError::Backend(
-                        format!("{} outcomes for {} failures", outcomes.len(), batch.len()).into(),
-                    ))
-                }
-            });
-        match result {
-            Ok(outcomes) => {
-                for ((lease, _), outcome) in batch.iter().zip(outcomes) {
-                    match outcome {
-                        FailOutcome::Applied { state } => {
-                            let counter = match state {
-                                JobState::Cancelled => Counter::cancelled,
-                                JobState::Failed => Counter::failed,
-                                _ => Counter::retried,
-                            };
-                            self.resolved(*lease, counter);
-                        }
-                        FailOutcome::Stale => self.stale(*lease, "fail"),
-                    }
-                }
-            }
-            Err(StoreError::Backend(_)) => {
-                for (lease, failure) in batch.into_iter().rev() {
-                    self.write_failed(lease);
-                    self.others.push_front((lease, Write::Fail(failure)));
-                }
-                return false;
-            }
-            Err(_) => {
-                for (lease, _) in batch {
-                    self.refused(lease);
-                }
-            }
-        }
-        true
+        self.sync_gauges();
     }
 
     /// The handler wrote its outcome itself (fenced, in its own committed transaction): only
@@ -254,15 +86,8 @@ impl<S: JobStore> Worker<S> {
                 if let Some(held) = self.held.get(&lease) {
                     job_event!(error, lease, held, %error, "handler bug: outcome not recorded");
                 }
-                self.others
-                    .push_back((lease, retryable(error, FailureKind::Worker)));
+                self.submit(lease, retryable(error, FailureKind::Worker));
             }
-        }
-    }
-
-    pub(crate) fn write_failed(&mut self, lease: LeaseRef) {
-        if let Some(held) = self.held.get_mut(&lease) {
-            held.write_failed = true;
         }
     }
 
@@ -293,14 +118,17 @@ impl<S: JobStore> Worker<S> {
     }
 
     pub(crate) fn refused(&mut self, lease: LeaseRef) {
+        self.dropped(
+            lease,
+            "the store refused the outcome: dropped (the rescuer retries the job)",
+        );
+    }
+
+    /// An outcome that will not be written (`why`).
+    pub(crate) fn dropped(&mut self, lease: LeaseRef, why: &'static str) {
         self.count(Counter::writes_dropped, 1);
         if let Some(held) = self.held.remove(&lease) {
-            job_event!(
-                error,
-                lease,
-                held,
-                "the store refused the outcome: dropped (the rescuer retries the job)"
-            );
+            job_event!(warn, lease, held, "{why}");
         }
     }
 }

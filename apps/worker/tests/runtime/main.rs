@@ -5,6 +5,7 @@
 //! metrics the worker records.
 
 mod buffer;
+mod completer;
 mod exactly_once;
 mod maintenance;
 mod memory;
