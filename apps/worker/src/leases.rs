@@ -79,6 +79,16 @@ impl<S: JobStore> Worker<S> {
                     }
                 }
                 HeartbeatOutcome::Lost => {
+                    // An outcome in the completer's hands resolves itself: its write either
+                    // committed before this heartbeat read the row (the job is finished, which is
+                    // why the lease is gone) or is answered stale. Either answer ends the lease.
+                    if self
+                        .held
+                        .get(&lease)
+                        .is_some_and(|held| held.state == LeaseState::Writing)
+                    {
+                        continue;
+                    }
                     report.lost += 1;
                     telemetry::stale("heartbeat");
                     self.lose(lease, "a heartbeat found the lease lost");

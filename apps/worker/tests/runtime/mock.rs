@@ -175,6 +175,56 @@ async fn a_completion_is_retried_while_its_heartbeated_lease_lasts_then_dropped(
     assert_eq!(worker.leases_held(), 0);
 }
 
+/// A heartbeat that races the completion's write: the write committed (the job is finished, so
+/// the heartbeat finds no live lease) but its answer was lost, so the completer retries it. The
+/// heartbeat's "lost" is not a lost lease: the write's own answer ends it.
+#[tokio::test(start_paused = true)]
+async fn a_heartbeat_finding_a_lease_gone_while_its_outcome_is_written_loses_nothing() {
+    let mut store = MockJobStore::new();
+    store
+        .expect_job_claim()
+        .times(1)
+        .returning(|_| Ok(vec![running_job(1, "k", t0())]));
+    let writes = Arc::new(AtomicUsize::new(0));
+    let w = writes.clone();
+    store.expect_job_complete_many().returning(move |batch| {
+        if w.fetch_add(1, Ordering::SeqCst) == 0 {
+            Err(backend())
+        } else {
+            Ok(vec![WriteOutcome::Accepted; batch.len()])
+        }
+    });
+    store
+        .expect_job_heartbeat_many()
+        .times(1)
+        .returning(|leases, _| Ok(vec![HeartbeatOutcome::Lost; leases.len()]));
+    let mut worker = Worker::new(Arc::new(store), registry_done(), config("w1")).unwrap();
+
+    let report = worker.run_once().await.unwrap();
+    assert_eq!((report.claimed, report.pending_writes), (1, 1));
+    let heartbeat = worker.heartbeat_once().await.unwrap();
+    assert_eq!(
+        (heartbeat.extended, heartbeat.lost),
+        (0, 0),
+        "{heartbeat:?}"
+    );
+    assert_eq!(
+        worker.leases_held(),
+        1,
+        "the outcome is still being written"
+    );
+
+    let report = worker.flush().await;
+    assert_eq!((report.counts.completed, report.pending_writes), (1, 0));
+    let counters = worker.stats().counters();
+    assert_eq!(
+        (counters.leases_lost, counters.stale_writes_rejected),
+        (0, 0),
+        "{counters:?}"
+    );
+    assert_eq!(worker.leases_held(), 0);
+}
+
 #[tokio::test(start_paused = true)]
 async fn failed_heartbeats_past_the_lease_end_cancel_the_handler() {
     let mut store = MockJobStore::new();
