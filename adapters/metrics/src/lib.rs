@@ -37,8 +37,8 @@ pub use describe::describe;
 pub use faultline_ports::LabelGuard;
 pub use faultline_ports::telemetry::{labels, names, outcome};
 pub use metrics_exporter_prometheus::{PrometheusHandle, PrometheusRecorder};
-pub use sampler::QueueSampler;
-pub use serve::{serve_metrics, serve_metrics_on};
+pub use sampler::{Exported, Leading, QueueSampler, SAMPLED_FAMILIES};
+pub use serve::{serve_metrics, serve_metrics_on, serve_render_on};
 
 /// Where `faultline worker` serves `/metrics` by default (`FAULTLINE_METRICS_LISTEN`).
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 9464);
@@ -104,6 +104,39 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
 /// A [`RenderFn`] over `handle`, for `faultline_http::ApiConfig::metrics`.
 pub fn render_fn(handle: PrometheusHandle) -> RenderFn {
     Arc::new(move || handle.render())
+}
+
+/// [`render_fn`], hiding the queue sampler's families ([`SAMPLED_FAMILIES`]) while `exported`
+/// says they are not current (the process does not lead, so another process samples).
+pub fn render_fn_with(handle: PrometheusHandle, exported: Exported) -> RenderFn {
+    Arc::new(move || {
+        let text = handle.render();
+        if exported.is_exported() {
+            text
+        } else {
+            without_families(&text, &SAMPLED_FAMILIES)
+        }
+    })
+}
+
+/// The exposition `text` without the samples and the `# HELP` / `# TYPE` lines of `families`.
+pub fn without_families(text: &str, families: &[&str]) -> String {
+    let of_family = |line: &str| {
+        let name = line
+            .strip_prefix("# HELP ")
+            .or_else(|| line.strip_prefix("# TYPE "))
+            .unwrap_or(line);
+        families.iter().any(|family| {
+            name.strip_prefix(family)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
+        })
+    };
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines().filter(|line| !of_family(line)) {
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 /// Folds recorded histogram samples into their buckets every `every` until `shutdown` fires

@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -41,6 +42,11 @@ const DEPTH_STATES: [JobState; 2] = [JobState::Queued, JobState::Running];
 /// when it drained before the first sample. Queues folded into one label value are summed (depth)
 /// or take the oldest (age). A published queue that disappears from both answers is set to 0
 /// instead of keeping its last value.
+///
+/// A process samples only while it leads the maintenance when given its leadership
+/// ([`QueueSampler::while_leading`]): one process per database reads the backlog, and its
+/// [`Exported`] flag tells the exposition to hide the depth series whenever they are not the
+/// leader's fresh numbers (see [`crate::render_fn_with`]).
 pub struct QueueSampler {
     store: Arc<dyn JobStore>,
     clock: Arc<dyn Clock>,
@@ -49,7 +55,36 @@ pub struct QueueSampler {
     timeout: Duration,
     /// Queue label values published by the previous sample.
     published: BTreeSet<String>,
+    /// Sample only while this says the process leads (`None`: always).
+    leading: Option<Leading>,
+    exported: Exported,
 }
+
+/// Tells whether the process leads its maintenance now.
+pub type Leading = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// Whether a [`QueueSampler`]'s series are current: set after a sample succeeds while the
+/// process may sample, cleared as soon as it may not (it stopped leading). Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Exported(Arc<AtomicBool>);
+
+impl Exported {
+    /// Whether the depth series are current and may be exposed.
+    pub fn is_exported(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    fn set(&self, exported: bool) {
+        self.0.store(exported, Ordering::SeqCst);
+    }
+}
+
+/// The metric families [`QueueSampler`] publishes, hidden while they are not current.
+pub const SAMPLED_FAMILIES: [&str; 2] = [names::QUEUE_DEPTH, names::QUEUE_OLDEST_READY_AGE_SECONDS];
+
+/// How often a sampler gated by leadership checks whether the process leads (it samples at once
+/// when it starts leading).
+const LEADERSHIP_CHECK: Duration = Duration::from_millis(500);
 
 impl std::fmt::Debug for QueueSampler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -78,7 +113,33 @@ impl QueueSampler {
             interval: Self::DEFAULT_INTERVAL,
             timeout: Self::DEFAULT_TIMEOUT,
             published: BTreeSet::new(),
+            leading: None,
+            exported: Exported::default(),
         }
+    }
+
+    /// Samples only while `leading` says the process leads its maintenance (checked every
+    /// 500 ms; the first sample comes at once when the process starts leading).
+    pub fn while_leading(mut self, leading: Leading) -> Self {
+        self.leading = Some(leading);
+        self
+    }
+
+    /// The flag that says whether this sampler's series are current (share it with the
+    /// exposition: [`crate::render_fn_with`]).
+    pub fn exported(&self) -> Exported {
+        self.exported.clone()
+    }
+
+    /// Reports whether its series are current through `exported` (made before the sampler).
+    pub fn with_exported(mut self, exported: Exported) -> Self {
+        self.exported = exported;
+        self
+    }
+
+    /// Whether the process may sample now.
+    fn may_sample(&self) -> bool {
+        self.leading.as_ref().is_none_or(|leading| leading())
     }
 
     /// Measures ages against `clock` instead of the system clock.
@@ -128,6 +189,7 @@ impl QueueSampler {
             Ok((backlog, queues)) => {
                 gauge!(names::DB_UP).set(1.0);
                 self.publish(&backlog, &queues, self.clock.now());
+                self.exported.set(self.may_sample());
                 Ok(())
             }
             Err((operation, err)) => {
@@ -181,16 +243,32 @@ impl QueueSampler {
     }
 
     /// Samples at once and then every interval until `shutdown` fires. Failures are logged and
-    /// counted; sampling goes on.
+    /// counted; sampling goes on. Gated by leadership, it samples at once when the process
+    /// starts leading, then every interval while it leads, and clears [`Exported`] as soon as
+    /// it stops.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut ticks = tokio::time::interval(self.interval);
+        let check = match self.leading {
+            Some(_) => self.interval.min(LEADERSHIP_CHECK),
+            None => self.interval,
+        };
+        let mut ticks = tokio::time::interval(check);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The next sample, while the process may sample (`None`: it may not).
+        let mut next_sample: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                _ = ticks.tick() => {
-                    let _ = self.sample_once().await;
-                }
+                _ = ticks.tick() => {}
+            }
+            let now = tokio::time::Instant::now();
+            if !self.may_sample() {
+                self.exported.set(false);
+                next_sample = None;
+                continue;
+            }
+            if next_sample.is_none_or(|at| now >= at) {
+                let _ = self.sample_once().await;
+                next_sample = Some(now + self.interval);
             }
         }
     }

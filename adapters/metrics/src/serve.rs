@@ -5,6 +5,8 @@ use std::io;
 use std::net::SocketAddr;
 
 use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::RenderFn;
 use poem::endpoint::make_sync;
 use poem::http::StatusCode;
 use poem::http::header::CONTENT_TYPE;
@@ -29,6 +31,15 @@ pub async fn serve_metrics_on(
     handle: PrometheusHandle,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
+    serve_render_on(listener, crate::render_fn(handle), shutdown).await
+}
+
+/// [`serve_metrics_on`] with the exposition text of `render` (e.g. [`crate::render_fn_with`]).
+pub async fn serve_render_on(
+    listener: tokio::net::TcpListener,
+    render: RenderFn,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
     let acceptor = TcpAcceptor::from_tokio(listener)?;
     if let Some(addr) = acceptor.local_addr().into_iter().next() {
         tracing::info!(addr = %addr, "serving /metrics");
@@ -37,7 +48,7 @@ pub async fn serve_metrics_on(
         Response::builder()
             .status(StatusCode::OK)
             .header(CONTENT_TYPE, crate::CONTENT_TYPE)
-            .body(handle.render())
+            .body(render())
     });
     let app = Route::new().at("/metrics", get(metrics)).boxed();
     Server::new_with_acceptor(acceptor)

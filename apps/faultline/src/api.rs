@@ -168,7 +168,7 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let config = ApiConfig {
-        metrics: Some(faultline_metrics::render_fn(telemetry.handle.clone())),
+        metrics: Some(telemetry.render_fn()),
         metric_labels: telemetry.labels.clone(),
         ..config
     };
@@ -184,13 +184,12 @@ pub(crate) async fn serve(
     tokio::spawn(watch_database(health.clone(), stop_background.clone()));
 
     let store = Arc::new(PgStore::new(pool.clone()));
-    telemetry.start_sampler(store.clone());
     let stop_upkeep = CancellationToken::new();
     let upkeep = match upkeep {
         Some(upkeep) => Some(maintenance::spawn(
             store.clone(),
             upkeep,
-            telemetry.labels.clone(),
+            telemetry,
             stop_upkeep.clone(),
         )?),
         None => None,

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::telemetry::Telemetry;
 use clap::{Args, ValueEnum};
-use faultline_metrics::LabelGuard;
 use faultline_ports::{JobStore, ProcessSpec, QueueSlots};
 use faultline_worker::{Maintenance, MaintenanceConfig, WorkerConfig};
 use tokio::task::JoinHandle;
@@ -190,9 +190,12 @@ fn host_name() -> String {
 pub(crate) fn spawn<S: JobStore>(
     store: Arc<S>,
     config: MaintenanceConfig,
-    labels: LabelGuard,
+    telemetry: &Telemetry,
     stop: CancellationToken,
 ) -> anyhow::Result<JoinHandle<()>> {
-    let service = Maintenance::new(store, config)?.with_metric_labels(labels);
+    let service =
+        Maintenance::new(store.clone(), config)?.with_metric_labels(telemetry.labels.clone());
+    // Queue depth is sampled by the leader only.
+    telemetry.start_sampler(store, service.handle());
     Ok(tokio::spawn(service.run(stop)))
 }

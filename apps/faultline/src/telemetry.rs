@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use faultline_metrics::{LabelGuard, PrometheusHandle, QueueSampler};
+use faultline_metrics::{Exported, LabelGuard, PrometheusHandle, QueueSampler, RenderFn};
 use faultline_ports::JobStore;
+use faultline_worker::MaintenanceHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -22,6 +23,8 @@ pub(crate) struct Telemetry {
     pub(crate) labels: LabelGuard,
     sample_interval: Option<Duration>,
     sampling: AtomicBool,
+    /// Whether the queue-depth series are the leader's current numbers (else hidden).
+    exported: Exported,
     stop: CancellationToken,
 }
 
@@ -42,29 +45,40 @@ impl Telemetry {
             labels: LabelGuard::new(args.max_label_values()),
             sample_interval,
             sampling: AtomicBool::new(false),
+            exported: Exported::default(),
             stop,
         })
     }
 
-    /// Starts the queue-depth sampler on `store`, unless it is off or already running (one per
+    /// Starts the queue-depth sampler on `store`, sampling while `leader` leads the maintenance
+    /// (one process per database samples), unless it is off or already running (one per
     /// process: `dev` runs a worker and the API on one recorder).
-    pub(crate) fn start_sampler<S: JobStore>(&self, store: Arc<S>) {
+    pub(crate) fn start_sampler<S: JobStore>(&self, store: Arc<S>, leader: MaintenanceHandle) {
         let Some(every) = self.sample_interval else {
             return;
         };
         if self.sampling.swap(true, Ordering::SeqCst) {
             return;
         }
-        let sampler = QueueSampler::new(store, self.labels.clone()).with_interval(every);
+        let sampler = QueueSampler::new(store, self.labels.clone())
+            .with_interval(every)
+            .while_leading(Arc::new(move || leader.is_leader()))
+            .with_exported(self.exported.clone());
         tokio::spawn(sampler.run(self.stop.clone()));
+    }
+
+    /// The exposition text of the process (queue depth only while it is the leader's current
+    /// sample).
+    pub(crate) fn render_fn(&self) -> RenderFn {
+        faultline_metrics::render_fn_with(self.handle.clone(), self.exported.clone())
     }
 
     /// Serves `GET /metrics` on `listener` until [`Telemetry::stop`].
     pub(crate) fn serve_on(&self, listener: TcpListener) {
-        let handle = self.handle.clone();
+        let render = self.render_fn();
         let stop = self.stop.clone();
         tokio::spawn(async move {
-            if let Err(error) = faultline_metrics::serve_metrics_on(listener, handle, stop).await {
+            if let Err(error) = faultline_metrics::serve_render_on(listener, render, stop).await {
                 tracing::error!(error = %error, "the /metrics endpoint stopped");
             }
         });

@@ -225,12 +225,11 @@ pub(crate) async fn serve(
         Some(config) => Some(maintenance::spawn(
             store.clone(),
             config,
-            telemetry.labels.clone(),
+            telemetry,
             stop_upkeep.clone(),
         )?),
         None => None,
     };
-    telemetry.start_sampler(store);
     // The listeners outlive the workers' loops (the shutdown's grace period claims nothing).
     let stop_listening = CancellationToken::new();
     let mut running = tokio::task::JoinSet::new();

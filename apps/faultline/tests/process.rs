@@ -1178,7 +1178,8 @@ async fn worker_and_api_serve_metrics_that_promtool_accepts() {
         ),
         "{api_text}"
     );
-    // Both processes sample queue depth from the database: a job in a queue no worker serves.
+    // The maintenance leader (one of the two) samples queue depth from the database, the other
+    // shows none: a job in a queue no worker serves.
     let parked = call(
         &client,
         "POST",
@@ -1189,9 +1190,38 @@ async fn worker_and_api_serve_metrics_that_promtool_accepts() {
     .await;
     assert_eq!(parked.status, 201, "{parked:?}");
     let queued = [("queue", "parked"), ("state", "queued")];
-    for url in [worker_metrics.clone(), format!("{base}/metrics")] {
-        wait_for_metric(&client, &url, "faultline_queue_depth", &queued, 1.0).await;
-    }
+    let urls = [worker_metrics.clone(), format!("{base}/metrics")];
+    let deadline = Instant::now() + DEADLINE;
+    let (leader, other) = loop {
+        let mut scrapes = Vec::new();
+        for url in &urls {
+            let reply = call(&client, "GET", url, None, None).await;
+            assert_eq!(reply.status, 200, "{url}: {reply:?}");
+            scrapes.push(reply.body);
+        }
+        let sampled =
+            |text: &str| Exposition::parse(text).value("faultline_queue_depth", &queued) >= 1.0;
+        match (sampled(&scrapes[0]), sampled(&scrapes[1])) {
+            (true, false) => break (scrapes.remove(0), scrapes.remove(0)),
+            (false, true) => break (scrapes.remove(1), scrapes.remove(0)),
+            (both, _) => assert!(
+                !both && Instant::now() < deadline,
+                "exactly one process (the leader) shows the queue depth:\n{}\n---\n{}",
+                scrapes[0],
+                scrapes[1]
+            ),
+        }
+        tokio::time::sleep(POLL).await;
+    };
+    assert_eq!(
+        Exposition::parse(&leader).value("faultline_leader", &[]),
+        1.0,
+        "the process showing queue depth leads:\n{leader}"
+    );
+    assert!(
+        !other.contains("faultline_queue_depth"),
+        "a process that does not lead shows no queue depth:\n{other}"
+    );
 
     assert_promtool_accepts_metrics(&worker_text);
     assert_promtool_accepts_metrics(&api_text);

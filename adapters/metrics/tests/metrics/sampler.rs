@@ -3,12 +3,13 @@
 //! failures show as `faultline_db_up` 0 and a counted error.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use faultline_memory::MemoryStore;
 use faultline_metrics::testing::{Exposition, LocalMetrics};
-use faultline_metrics::{LabelGuard, QueueSampler, names};
+use faultline_metrics::{LabelGuard, QueueSampler, names, render_fn_with, without_families};
 use faultline_ports::domain::{FailureKind, JobSpec, JobState};
 use faultline_ports::{
     ClaimParams, Failure, JobStore, LeaseRef, ListParams, ManualClock, MockJobStore, StoreError,
@@ -342,4 +343,100 @@ async fn pg_depth_gauges_match_the_database() {
     }
     assert_eq!(depth(&m, "alpha", JobState::Running), 2.0);
     assert_eq!(m.value(names::DB_UP, &[]), 1.0);
+}
+
+/// Polls `done` on paused time, at most `within` (of the runtime's clock).
+async fn within(within: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sampler_gated_by_leadership_samples_only_while_the_process_leads() {
+    let metrics = LocalMetrics::new();
+    let _recording = metrics.enter();
+    let clock = ManualClock::new(t0());
+    let store = Arc::new(MemoryStore::new(Arc::new(clock.clone())));
+    store.job_enqueue(&spec("a")).await.unwrap();
+    let leads = Arc::new(AtomicBool::new(false));
+    let flag = leads.clone();
+    let sampler = QueueSampler::new(store.clone(), LabelGuard::default())
+        .with_clock(clock.clone())
+        .with_interval(Duration::from_secs(30))
+        .while_leading(Arc::new(move || flag.load(Ordering::SeqCst)));
+    let exported = sampler.exported();
+    let render = render_fn_with(metrics.handle(), exported.clone());
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(sampler.run(stop.clone()));
+
+    // Not leading: nothing sampled, nothing exported.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!exported.is_exported());
+    assert!(
+        !metrics.scrape().has(names::QUEUE_DEPTH, &[]),
+        "{}",
+        metrics.render()
+    );
+
+    // Leading: the first sample comes within one leadership check, not one interval.
+    leads.store(true, Ordering::SeqCst);
+    within(Duration::from_secs(1), "sampled on becoming leader", || {
+        exported.is_exported()
+    })
+    .await;
+    let m = Exposition::parse(&render());
+    assert_eq!(depth(&m, "a", JobState::Queued), 1.0);
+
+    // Another job, but the next sample is one interval after the first.
+    store.job_enqueue(&spec("a")).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        depth(&Exposition::parse(&render()), "a", JobState::Queued),
+        1.0
+    );
+    within(
+        Duration::from_secs(30),
+        "sampled again after an interval",
+        || depth(&Exposition::parse(&render()), "a", JobState::Queued) == 2.0,
+    )
+    .await;
+
+    // Stepped down: the series are hidden at once (they would go stale), the rest stays.
+    leads.store(false, Ordering::SeqCst);
+    within(Duration::from_secs(1), "hidden on stepping down", || {
+        !exported.is_exported()
+    })
+    .await;
+    let text = render();
+    assert!(!text.contains(names::QUEUE_DEPTH), "{text}");
+    assert!(
+        !text.contains(names::QUEUE_OLDEST_READY_AGE_SECONDS),
+        "{text}"
+    );
+    assert_eq!(
+        Exposition::parse(&text).value(names::DB_UP, &[]),
+        1.0,
+        "{text}"
+    );
+    stop.cancel();
+    running.await.unwrap();
+}
+
+#[test]
+fn without_families_drops_exactly_the_named_families() {
+    let text = "# HELP faultline_queue_depth Jobs.\n\
+                # TYPE faultline_queue_depth gauge\n\
+                faultline_queue_depth{queue=\"a\",state=\"queued\"} 1\n\
+                # HELP faultline_queue_depth_other Not the same family.\n\
+                faultline_queue_depth_other 2\n\
+                faultline_db_up 1\n";
+    assert_eq!(
+        without_families(text, &[names::QUEUE_DEPTH]),
+        "# HELP faultline_queue_depth_other Not the same family.\n\
+         faultline_queue_depth_other 2\n\
+         faultline_db_up 1\n"
+    );
 }
