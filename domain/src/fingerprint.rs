@@ -5,8 +5,10 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 /// SHA-256 over the queue, the kind and the payload in canonical JSON: object keys sorted, no
-/// insignificant whitespace. Two payloads that differ only in key order or formatting have the same
-/// fingerprint; any other difference (including `1` versus `1.0`) changes it.
+/// insignificant whitespace, numbers exact in their stored form (see [`crate::canonical_number`]:
+/// `1e2` is `100`). Two payloads that differ only in key order, formatting or a number's notation
+/// have the same fingerprint; any other difference (including `1` versus `1.0`, or two integers
+/// beyond 2^53 that round to the same `f64`) changes it.
 pub fn payload_fingerprint(queue: &str, kind: &str, payload: &Value) -> Vec<u8> {
     let mut canonical = String::new();
     write_canonical(payload, &mut canonical);
@@ -46,6 +48,7 @@ fn write_canonical(value: &Value, out: &mut String) {
             }
             out.push(']');
         }
+        Value::Number(number) => out.push_str(&crate::canonical_number(number).to_string()),
         scalar => out.push_str(&scalar.to_string()),
     }
 }
@@ -63,6 +66,18 @@ mod tests {
             payload_fingerprint("q", "k", &a),
             payload_fingerprint("q", "k", &b)
         );
+    }
+
+    #[test]
+    fn numbers_count_exactly_and_by_value_not_notation() {
+        let of = |text: &str| payload_fingerprint("q", "k", &serde_json::from_str(text).unwrap());
+        // The same f64, different numbers.
+        assert_ne!(of("18446744073709551617"), of("18446744073709551616"));
+        assert_ne!(of("0.10000000000000000555"), of("0.1"));
+        // One number, two notations.
+        assert_eq!(of("1e2"), of("100"));
+        assert_eq!(of("[1.50e1, -0]"), of("[15.0, 0]"));
+        assert_ne!(of("1e2"), of("100.0"));
     }
 
     #[test]

@@ -66,7 +66,7 @@ impl Job {
             id,
             queue: spec.queue.clone(),
             kind: spec.kind.clone(),
-            payload: spec.payload.clone(),
+            payload: crate::canonical_json(&spec.payload),
             priority: spec.priority,
             state: JobState::Queued,
             attempts: 0,
@@ -112,8 +112,9 @@ impl Limits {
         check_ms(field, Some(value), min)
     }
 
-    /// Checks that JSON can be stored: PostgreSQL's `jsonb` refuses the NUL character
-    /// (`\u0000`) in strings and keys, so no store accepts it.
+    /// Checks that JSON can be stored exactly: PostgreSQL's `jsonb` refuses the NUL character
+    /// (`\u0000`) in strings and keys, so no store accepts it; and every number must fit
+    /// PostgreSQL's `numeric` (see [`crate::check_number`]), so that no store rounds one.
     pub fn check_json(field: &'static str, value: &Value) -> Result<(), SpecError> {
         fn has_nul(value: &Value) -> bool {
             match value {
@@ -124,9 +125,11 @@ impl Limits {
             }
         }
         if has_nul(value) {
-            Err(SpecError::NulCharacter { field })
-        } else {
-            Ok(())
+            return Err(SpecError::NulCharacter { field });
+        }
+        match crate::number::first_unstorable(value) {
+            Some(detail) => Err(SpecError::OutOfRange { field, detail }),
+            None => Ok(()),
         }
     }
 
@@ -347,6 +350,10 @@ mod tests {
             (
                 JobSpec::new("k", json!({"a\u{0}": 1})),
                 "payload must not contain the NUL",
+            ),
+            (
+                JobSpec::new("k", serde_json::from_str("[1e-16384]").unwrap()),
+                "payload number 1e-16384 has more than 16383 digits after",
             ),
             (
                 JobSpec {

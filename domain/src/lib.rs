@@ -9,11 +9,16 @@
 mod fingerprint;
 mod history;
 mod job;
+mod number;
 mod retry;
 mod state;
 
 pub use fingerprint::payload_fingerprint;
 pub use history::{AttemptError, FailureKind};
 pub use job::{Job, JobSpec, Limits, SpecError};
+pub use number::{
+    MAX_EXPONENT, MAX_FRACTION_DIGITS, MAX_INTEGER_DIGITS, canonical_json, canonical_number,
+    check_number,
+};
 pub use retry::RetryPolicy;
 pub use state::{Event, EventKind, JobState, TransitionError};

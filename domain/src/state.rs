@@ -309,7 +309,8 @@ impl Job {
                 self.lease_expires_at = Some(after(now, extend_ms));
             }
             Event::Complete { now, result, .. } => {
-                self.result = result;
+                // Numbers as every store keeps them (see `crate::canonical_json`).
+                self.result = result.as_ref().map(crate::canonical_json);
                 self.finish(JobState::Succeeded, now);
             }
             Event::FailRetryable {

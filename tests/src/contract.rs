@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use faultline_domain::{
-    Event, EventKind, FailureKind, Job, JobSpec, JobState, Limits, RetryPolicy,
+    Event, EventKind, FailureKind, Job, JobSpec, JobState, Limits, RetryPolicy, canonical_json,
 };
 use faultline_memory::MemoryStore;
 use faultline_ports::{
@@ -30,8 +30,10 @@ use crate::TestDb;
 
 mod expiry;
 mod fleet;
+mod numbers;
 pub use expiry::*;
 pub use fleet::*;
+pub use numbers::*;
 
 /// Expands to one `#[tokio::test]` per contract case, in a module named `$name`, each building
 /// its store with the async `$factory` expression (which must evaluate to a future of
@@ -90,6 +92,7 @@ macro_rules! contract_suite {
             a_lost_claim_is_given_back_by_its_claim_id,
             writes_on_an_expired_lease_apply_until_it_is_rescued,
             expire_lease_ends_a_running_lease_now_as_a_rescue_would,
+            payload_and_result_numbers_are_kept_exactly,
         );
     };
     (@cases $name:ident, $factory:expr; $($case:ident),+ $(,)?) => {
@@ -408,7 +411,7 @@ pub(crate) fn expect_illegal<T: Debug>(
 }
 
 #[track_caller]
-fn expect_conflict<T: Debug>(result: StoreResult<T>, key: &str, existing_id: i64) {
+pub(crate) fn expect_conflict<T: Debug>(result: StoreResult<T>, key: &str, existing_id: i64) {
     match result {
         Err(StoreError::Conflict {
             key: got_key,
@@ -433,6 +436,8 @@ pub async fn enqueue_applies_defaults_and_round_trips_every_field(f: Fixture) {
             "n": [1, 2.5, null, {"deep": true}, -7, u64::MAX, 1.5e300, 1e-7],
             // Needs a correctly rounded JSON float parser (serde_json's `float_roundtrip`).
             "f": 123_456_789.123_456_79,
+            // Beyond f64 (serde_json's `arbitrary_precision`).
+            "x": serde_json::Number::from_u128(u128::MAX).expect("an exact integer"),
             "s": "ünï\u{1F600}"
         }),
     );
@@ -441,7 +446,10 @@ pub async fn enqueue_applies_defaults_and_round_trips_every_field(f: Fixture) {
     let job = out.job;
     assert_eq!(job.queue, "default");
     assert_eq!(job.kind, "email");
-    assert_eq!(job.payload, minimal.payload);
+    // Numbers come back exact, in plain decimal notation (`1.5e300` as its 301 digits).
+    assert_eq!(job.payload, canonical_json(&minimal.payload));
+    assert_eq!(job.payload["n"][6].as_f64(), Some(1.5e300));
+    assert_eq!(job.payload["x"].to_string(), u128::MAX.to_string());
     assert_eq!(job.priority, 0);
     assert_eq!(job.state, JobState::Queued);
     assert_eq!(

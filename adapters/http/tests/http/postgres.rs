@@ -1,8 +1,8 @@
 //! The API over PostgreSQL and real HTTP on a random port: the worker cycle, health, graceful
 //! shutdown, 100 concurrent enqueues with one idempotency key creating exactly one job, queue
 //! pause and resume (a paused queue's job is leased only after the resume), the process list
-//! with its leader, the attempt history of a job, and (ignored) the known limit of an abandoned
-//! long poll.
+//! with its leader, the attempt history of a job, payload numbers beyond `f64` kept exact, and
+//! (ignored) the known limit of an abandoned long poll.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -79,6 +79,29 @@ impl Server {
         let status = response.status().as_u16();
         let text = response.text().await.expect("a body");
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Sends `body` as written (no re-encoding through a `Value`) and returns the status and the
+    /// answer's text, with `Idempotency-Key: key` when given.
+    async fn send_text(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&str>,
+        key: Option<&str>,
+    ) -> (u16, String) {
+        let mut request = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body.to_owned());
+        }
+        if let Some(key) = key {
+            request = request.header("idempotency-key", key);
+        }
+        let response = request.send().await.expect("the server answers");
+        let status = response.status().as_u16();
+        (status, response.text().await.expect("a body"))
     }
 
     async fn post(&self, path: &str, body: Value) -> (u16, Value) {
@@ -517,5 +540,120 @@ async fn a_long_poll_whose_client_left_does_not_keep_a_lease() {
     let (_, job) = server.get(&path).await;
     assert_eq!(job["state"], "queued", "{job}");
     assert_eq!(job["attempts"], 0, "{job}");
+    server.stop().await;
+}
+
+/// The payload numbers of issue 19: written as text (a `Value` literal could round them), with an
+/// integer beyond 2^64, a decimal longer than an `f64` keeps, and an exponent form.
+const EXACT_PAYLOAD: &str = r#"{"big": 18446744073709551617, "decimal": 0.1000000000000000055511151231257827, "negative": -98765432109876543210.50, "exponent": 1.5e-3}"#;
+
+fn exact_request(payload: &str) -> String {
+    format!(r#"{{"kind": "exact", "queue": "exact", "payload": {payload}}}"#)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payload_numbers_beyond_f64_round_trip_exactly_through_postgres() {
+    let server = Server::start(ApiConfig::default()).await;
+    let post = reqwest::Method::POST;
+    let (status, created) = server
+        .send_text(post, "/v1/jobs", Some(&exact_request(EXACT_PAYLOAD)), None)
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let created: Value = serde_json::from_str(&created).expect("JSON");
+    let (status, text) = server
+        .send_text(
+            reqwest::Method::GET,
+            &format!("/v1/jobs/{}", created["id"]),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{text}");
+    let view: Value = serde_json::from_str(&text).expect("JSON");
+    // Compared as text: exactly the digits sent (the exponent form in plain decimal notation,
+    // as PostgreSQL's numeric prints it; the trailing zero of the scale kept).
+    let payload = &view["payload"];
+    assert_eq!(payload["big"].to_string(), "18446744073709551617", "{text}");
+    assert_eq!(
+        payload["decimal"].to_string(),
+        "0.1000000000000000055511151231257827",
+        "{text}"
+    );
+    assert_eq!(
+        payload["negative"].to_string(),
+        "-98765432109876543210.50",
+        "{text}"
+    );
+    assert_eq!(payload["exponent"].to_string(), "0.0015", "{text}");
+    assert_eq!(
+        created["payload"], view["payload"],
+        "the 201 shows what is stored"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_differing_only_beyond_f64_are_different_idempotent_requests() {
+    let server = Server::start(ApiConfig::default()).await;
+    let post = || reqwest::Method::POST;
+    let first = exact_request(r#"{"n": 18446744073709551617, "d": 0.10000000000000000555}"#);
+    let (status, created) = server
+        .send_text(post(), "/v1/jobs", Some(&first), Some("exact-1"))
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let id = serde_json::from_str::<Value>(&created).expect("JSON")["id"].clone();
+    // The same request replays (another notation of the same numbers is the same request).
+    let same = exact_request(r#"{"d": 1.0000000000000000555e-1, "n": 18446744073709551617}"#);
+    let (status, replay) = server
+        .send_text(post(), "/v1/jobs", Some(&same), Some("exact-1"))
+        .await;
+    assert_eq!(status, 200, "{replay}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&replay).expect("JSON")["id"],
+        id
+    );
+    // Both of these are the same `f64` as the first request's numbers; neither is the same request.
+    for other in [
+        r#"{"n": 18446744073709551616, "d": 0.10000000000000000555}"#,
+        r#"{"n": 18446744073709551617, "d": 0.1}"#,
+    ] {
+        let (status, conflict) = server
+            .send_text(
+                post(),
+                "/v1/jobs",
+                Some(&exact_request(other)),
+                Some("exact-1"),
+            )
+            .await;
+        assert_eq!(status, 409, "{other}: {conflict}");
+        let problem: Value = serde_json::from_str(&conflict).expect("JSON");
+        assert_eq!(problem["type"], types::IDEMPOTENCY_CONFLICT, "{conflict}");
+        assert_eq!(problem["job_id"], id, "{conflict}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_number_postgres_cannot_keep_exactly_is_a_422_not_a_503() {
+    let server = Server::start(ApiConfig::default()).await;
+    for payload in [
+        "1e-16384",
+        "1e131072",
+        "[0e-99999]",
+        "{\"x\": 1e2000000000}",
+    ] {
+        let (status, text) = server
+            .send_text(
+                reqwest::Method::POST,
+                "/v1/jobs",
+                Some(&exact_request(payload)),
+                None,
+            )
+            .await;
+        assert_eq!(status, 422, "{payload}: {text}");
+        let problem: Value = serde_json::from_str(&text).expect("JSON");
+        let detail = problem["detail"].as_str().unwrap_or_default();
+        assert!(detail.starts_with("payload number"), "{payload}: {detail}");
+    }
     server.stop().await;
 }
