@@ -340,7 +340,12 @@ pub(crate) async fn latency(bench: &Bench<'_>, rep: usize) -> anyhow::Result<Sam
                 &bench.bin,
                 &worker_args(bench, &db),
                 &[
-                    ("FAULTLINE_LOG", "warn,faultline_worker::worker=debug"),
+                    // "job started" comes from `claims` (from `worker` before the runtime
+                    // became services: kept so that older builds can be measured too).
+                    (
+                        "FAULTLINE_LOG",
+                        "warn,faultline_worker::claims=debug,faultline_worker::worker=debug",
+                    ),
                     ("FAULTLINE_LOG_FORMAT", "json"),
                 ],
             )?;
