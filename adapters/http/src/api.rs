@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ApiConfig;
 use crate::auth::BearerAuth;
+use crate::conn;
 use crate::dto::{
     BatchItemResult, BatchResult, CompleteRequest, ComponentStatus, FailRequest, Health,
     HealthStatus, HeartbeatRequest, HeartbeatResult, JobPage, JobStateDto, JobView, LeaseGrant,
@@ -74,29 +75,41 @@ impl Ctx {
 }
 
 impl Ctx {
-    /// One claim call of a lease request, under a fresh claim id: when it times out or fails in
-    /// the backend (503), its answer is lost but it may have committed, so whatever it leased is
-    /// given back in the background (see [`crate::lost`]).
+    /// One claim call of a lease request, under a fresh claim id. When its answer is lost, it
+    /// may have committed all the same, so whatever it leased is given back in the background
+    /// (see [`crate::lost`]): when it timed out or failed in the backend (503), and when the
+    /// request itself was dropped while the claim was in flight (the client closed its
+    /// connection, so the server dropped the request).
+    ///
+    /// When `gone` was cancelled while the claim ran (the client closed its connection), the
+    /// claim's jobs are given back the same way and the answer is an empty list.
     async fn claim(
         &self,
         params: &mut ClaimParams,
+        gone: &CancellationToken,
     ) -> Result<Vec<faultline_ports::domain::Job>, Problem> {
         let claim_id = lost::new_claim_id();
         params.claim_id = Some(claim_id);
-        let sent = Instant::now();
+        let mut in_flight = lost::InFlight::new(
+            self.store.clone(),
+            claim_id,
+            Duration::from_millis(u64::try_from(params.lease_ms).unwrap_or(0)),
+            self.config.request_timeout,
+            params.worker_id.clone(),
+        );
         let claimed = self.call("claim", self.store.job_claim(params)).await;
-        if let Err(problem) = &claimed
-            && problem.status == 503
-        {
-            let lease = Duration::from_millis(u64::try_from(params.lease_ms).unwrap_or(0));
-            lost::spawn_release(
-                self.store.clone(),
-                claim_id,
-                sent,
-                lease,
-                self.config.request_timeout,
-                params.worker_id.clone(),
-            );
+        match &claimed {
+            // The answer is lost: `in_flight` gives back what the claim leased when dropped.
+            Err(problem) if problem.status == 503 => {}
+            Ok(jobs) if gone.is_cancelled() => {
+                tracing::debug!(
+                    jobs = jobs.len(),
+                    worker_id = %params.worker_id,
+                    "the client of a lease request left during its claim; giving the jobs back"
+                );
+                return Ok(Vec::new());
+            }
+            _ => in_flight.answered(),
         }
         claimed
     }
@@ -582,19 +595,20 @@ impl WorkersApi {
     /// failed attempt and the job is retried with backoff. With `wait_seconds`, the request
     /// waits (at most 30 s) until a job is due, woken by new jobs, and otherwise answers with an
     /// empty list. A 503 costs no attempt: jobs its claim leased anyway (committed after the
-    /// timeout, or before a broken connection) are given back, attempt returned. Known limit: the
-    /// server does not notice a client that closed its connection during the wait, so such a
-    /// request may still lease jobs, which stay leased until `lease_seconds` end (then the
-    /// attempt counts as failed); long-polling clients should ask for short leases and extend
-    /// them by heartbeat.
+    /// timeout, or before a broken connection) are given back, attempt returned. A client that
+    /// closes its connection (or its sending side) during the wait ends it: nothing more is
+    /// leased for it, and jobs a claim leased at that moment are given back the same way.
     #[oai(path = "/leases", method = "post", operation_id = "lease_jobs")]
     async fn lease_jobs(
         &self,
         _auth: BearerAuth,
+        http: &poem::Request,
         body: Json<LeaseRequest>,
     ) -> Result<LeaseResponse, ClaimError> {
         let ctx = &self.0;
         let request = body.0;
+        // Never cancelled for a request that did not come over a served connection.
+        let gone = conn::client_gone(http.local_addr(), http.remote_addr()).unwrap_or_default();
         let mut params = ClaimParams {
             queues: request.queues.into_iter().map(String::from).collect(),
             kinds: request.kinds.into_iter().map(String::from).collect(),
@@ -612,8 +626,16 @@ impl WorkersApi {
             // Mark the current wake-up as seen before claiming, so that a job enqueued between
             // the claim and the wait still wakes us.
             wake.borrow_and_update();
-            let jobs = ctx.claim(&mut params).await?;
-            if !jobs.is_empty() || Instant::now() >= deadline || ctx.shutdown.is_cancelled() {
+            let jobs = if gone.is_cancelled() {
+                Vec::new()
+            } else {
+                ctx.claim(&mut params, &gone).await?
+            };
+            if !jobs.is_empty()
+                || gone.is_cancelled()
+                || Instant::now() >= deadline
+                || ctx.shutdown.is_cancelled()
+            {
                 for job in &jobs {
                     telemetry::claimed(&ctx.config.metric_labels, job);
                     tracing::debug!(
@@ -634,6 +656,13 @@ impl WorkersApi {
             let next_poll = deadline.min(Instant::now() + ctx.config.lease_poll_interval);
             tokio::select! {
                 () = ctx.shutdown.cancelled() => {
+                    return Ok(LeaseResponse::Ok(Json(LeaseGrant { jobs: Vec::new() })));
+                }
+                () = gone.cancelled() => {
+                    tracing::debug!(
+                        worker_id = %params.worker_id,
+                        "the client of a long poll closed its connection; ending the wait"
+                    );
                     return Ok(LeaseResponse::Ok(Json(LeaseGrant { jobs: Vec::new() })));
                 }
                 () = tokio::time::sleep_until(next_poll) => {}

@@ -1,7 +1,8 @@
-//! Lease requests whose claim answer was lost: a claim call that timed out (the client got 503) or
-//! failed with a backend error (a broken connection) may still have committed, leasing jobs to a
-//! client that never learns of them. Each claim call carries a random claim id; after a failed
-//! one, a background task asks the store to give back whatever that claim leased
+//! Lease requests whose claim answer was lost: a claim call that timed out (the client got 503),
+//! failed with a backend error (a broken connection), or was dropped in flight because its client
+//! closed the connection (the server then drops the request) may still have committed, leasing
+//! jobs to a client that never learns of them. Each claim call carries a random claim id and an
+//! [`InFlight`] guard; when the call ends without an answer the client receives, a background task asks the store to give back whatever that claim leased
 //! (`JobStore::job_release_claim`: queued, due now, attempt returned) every
 //! [`RELEASE_EVERY`] until it did or until the lease the claim asked for would have ended (a claim
 //! stuck behind a lock may commit long after the request gave up on it). Such jobs therefore cost
@@ -28,11 +29,74 @@ pub(crate) fn new_claim_id() -> i64 {
     i64::try_from(hasher.finish() >> 1).unwrap_or(1).max(1)
 }
 
+/// A claim call in flight: unless [`InFlight::answered`] is called, dropping it starts giving back
+/// whatever the claim leased ([`spawn_release`]), measured from its creation.
+pub(crate) struct InFlight {
+    lost: Option<Lost>,
+}
+
+struct Lost {
+    store: Arc<dyn JobStore>,
+    claim_id: i64,
+    sent: Instant,
+    lease: Duration,
+    call_timeout: Duration,
+    worker_id: String,
+}
+
+impl InFlight {
+    /// The claim `claim_id` for a lease of `lease` by `worker_id`, sent now.
+    pub(crate) fn new(
+        store: Arc<dyn JobStore>,
+        claim_id: i64,
+        lease: Duration,
+        call_timeout: Duration,
+        worker_id: String,
+    ) -> Self {
+        InFlight {
+            lost: Some(Lost {
+                store,
+                claim_id,
+                sent: Instant::now(),
+                lease,
+                call_timeout,
+                worker_id,
+            }),
+        }
+    }
+
+    /// The claim's answer reached the request: nothing to give back.
+    pub(crate) fn answered(&mut self) {
+        self.lost = None;
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let Some(lost) = self.lost.take() else {
+            return;
+        };
+        // A request dropped by a runtime that is shutting down has nobody left to give back
+        // with: its leases end as any other does, by the rescue.
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        spawn_release(
+            lost.store,
+            lost.claim_id,
+            lost.sent,
+            lost.lease,
+            lost.call_timeout,
+            lost.worker_id,
+        );
+    }
+}
+
 /// Starts giving back the jobs of the lost claim `claim_id`, sent at `sent` for a lease of
 /// `lease`: one `job_release_claim` now, then every [`RELEASE_EVERY`] until one gave jobs back
 /// (a claim commits at most once) or until `sent + lease` has passed. Each call is bounded by
 /// `call_timeout`.
-pub(crate) fn spawn_release(
+fn spawn_release(
     store: Arc<dyn JobStore>,
     claim_id: i64,
     sent: Instant,

@@ -41,6 +41,10 @@ pub mod types {
     pub const BODY_TOO_LARGE: &str = "https://faultline.dev/problems/body-too-large";
     /// A job payload or result exceeds the configured limit (413).
     pub const PAYLOAD_TOO_LARGE: &str = "https://faultline.dev/problems/payload-too-large";
+    /// The request line is longer than the server reads (414; the request was not parsed).
+    pub const URI_TOO_LONG: &str = "https://faultline.dev/problems/uri-too-long";
+    /// The request head is larger than the server reads (431; the request was not parsed).
+    pub const HEADERS_TOO_LARGE: &str = "https://faultline.dev/problems/headers-too-large";
     /// The body is not `application/json` (415).
     pub const UNSUPPORTED_MEDIA_TYPE: &str =
         "https://faultline.dev/problems/unsupported-media-type";
@@ -153,6 +157,10 @@ impl Problem {
             StatusCode::METHOD_NOT_ALLOWED => (types::METHOD_NOT_ALLOWED, "Method not allowed"),
             StatusCode::REQUEST_TIMEOUT => (types::REQUEST_TIMEOUT, "Request timeout"),
             StatusCode::PAYLOAD_TOO_LARGE => (types::BODY_TOO_LARGE, "Body too large"),
+            StatusCode::URI_TOO_LONG => (types::URI_TOO_LONG, "URI too long"),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => {
+                (types::HEADERS_TOO_LARGE, "Request headers too large")
+            }
             StatusCode::UNSUPPORTED_MEDIA_TYPE => {
                 (types::UNSUPPORTED_MEDIA_TYPE, "Unsupported media type")
             }

@@ -124,6 +124,18 @@ pub(crate) fn request(method: &'static str, route: &str, status: u16, took: Dura
     .record(took);
 }
 
+/// A request the framework could not parse, answered with `status` (400, 414, 431) before any
+/// route saw it: counted as method `OTHER`, route `unmatched` (no duration is recorded).
+pub(crate) fn unparsed_request(status: u16) {
+    counter!(
+        names::HTTP_REQUESTS_TOTAL,
+        labels::METHOD => "OTHER",
+        labels::ROUTE => UNMATCHED,
+        labels::STATUS => status.to_string(),
+    )
+    .increment(1);
+}
+
 /// A store call of `operation` ended with `error` (none: success; a timeout is a backend error).
 pub(crate) fn store_call(operation: &'static str, error: Option<&StoreError>) {
     let unreachable = matches!(error, Some(StoreError::Backend(_)));

@@ -225,3 +225,93 @@ async fn beyond_the_connection_cap_new_connections_wait_until_one_closes() {
     }
     server.stop().await;
 }
+
+/// Sends `request` on a fresh connection (write errors ignored: the server may stop reading an
+/// oversized head) and reads until the server closes the connection.
+async fn answer_to(server: &Server, request: &[u8]) -> String {
+    let mut stream = server.connect().await;
+    for chunk in request.chunks(16 * 1024) {
+        if stream.write_all(chunk).await.is_err() {
+            break;
+        }
+    }
+    let mut data = Vec::new();
+    let mut chunk = [0u8; 4096];
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => data.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await
+    .expect("the server answers and closes the connection");
+    String::from_utf8(data).expect("a text answer")
+}
+
+#[tokio::test]
+async fn requests_the_server_cannot_parse_get_problem_bodies_and_a_closed_connection() {
+    let server = Server::start(ApiConfig::default()).await;
+    let long_uri = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(70_000));
+    let big_head = format!(
+        "GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(600_000)
+    );
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> =
+        vec![
+        ("a bad request line", b"HELLO\r\n\r\n".to_vec(), 400, "bad-request"),
+        (
+            "a bad Content-Length",
+            b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n".to_vec(),
+            400,
+            "bad-request",
+        ),
+        (
+            "two different Content-Lengths",
+            b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"
+                .to_vec(),
+            400,
+            "bad-request",
+        ),
+        (
+            "a space in a header name",
+            b"GET /health HTTP/1.1\r\nBad Header: x\r\n\r\n".to_vec(),
+            400,
+            "bad-request",
+        ),
+        ("an overlong URI", long_uri.into_bytes(), 414, "uri-too-long"),
+        ("an oversized head", big_head.into_bytes(), 431, "headers-too-large"),
+    ];
+    for (what, request, status, problem_type) in cases {
+        let answer = answer_to(&server, &request).await;
+        let (head, body) = answer
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("{what}: no whole answer: {answer:?}"));
+        let head = head.to_lowercase();
+        assert!(
+            head.starts_with(&format!("http/1.1 {status} ")),
+            "{what}: {head}"
+        );
+        assert!(
+            head.contains("content-type: application/problem+json"),
+            "{what}: {head}"
+        );
+        assert!(head.contains("connection: close"), "{what}: {head}");
+        let problem: serde_json::Value =
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("{what}: {e}: {body:?}"));
+        assert_eq!(
+            problem["type"],
+            format!("https://faultline.dev/problems/{problem_type}"),
+            "{what}: {problem}"
+        );
+        assert_eq!(problem["status"], status, "{what}: {problem}");
+        assert!(
+            problem["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "{what}: {problem}"
+        );
+    }
+    // A well-formed request on the same server is answered as before.
+    health_answers(&server).await;
+    server.stop().await;
+}
