@@ -14,10 +14,32 @@ pub struct QueueInfo {
     pub paused: bool,
     /// When the queue was last paused (kept after a resume, for diagnosis).
     pub paused_at: Option<DateTime<Utc>>,
+    /// The most jobs of this queue that may be running at once, across every worker and HTTP
+    /// lease holder (`None`: no bound). See [`QueueLimits`].
+    pub max_running: Option<i32>,
     /// When the row appeared.
     pub created_at: DateTime<Utc>,
-    /// When `paused` last changed (or the row appeared).
+    /// When `paused` or a limit last changed (or the row appeared).
     pub updated_at: DateTime<Utc>,
+}
+
+/// The flow-control settings of a queue, as [`crate::JobStore::queue_set_limits`] sets them.
+///
+/// `max_running` bounds the queue's running jobs, counted by the store inside the claim: no
+/// claim that starts after the setting committed leases a job of the queue while
+/// `max_running` of its jobs are running. A job held back by the bound stays `queued`, spends no
+/// attempt, and is claimable as soon as one of the running jobs ends (the store wakes waiting
+/// claimants then). Lowering the bound stops nothing that runs; claims already in flight when
+/// it changes finish under the bound they read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueLimits {
+    /// `1..=`[`QueueLimits::MAX_RUNNING`], or `None` for no bound.
+    pub max_running: Option<i32>,
+}
+
+impl QueueLimits {
+    /// The largest `max_running` a queue may have.
+    pub const MAX_RUNNING: i32 = 1_000_000;
 }
 
 /// What [`crate::JobStore::leader_elect`] asks for.

@@ -17,7 +17,9 @@ pub mod telemetry;
 mod validate;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use fleet::{ElectParams, Leadership, ProcessInfo, ProcessSpec, QueueInfo, QueueSlots};
+pub use fleet::{
+    ElectParams, Leadership, ProcessInfo, ProcessSpec, QueueInfo, QueueLimits, QueueSlots,
+};
 #[cfg(feature = "mock")]
 pub use store::MockJobStore;
 pub use store::{

@@ -14,7 +14,7 @@
 use chrono::{DateTime, Utc};
 use faultline_domain::{EventKind, FailureKind, Job, JobSpec, JobState, SpecError};
 
-use crate::{ElectParams, Leadership, ProcessInfo, ProcessSpec, QueueInfo};
+use crate::{ElectParams, Leadership, ProcessInfo, ProcessSpec, QueueInfo, QueueLimits};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -370,6 +370,11 @@ pub trait JobStore: Send + Sync + 'static {
 
     /// Resumes a queue (creating its row if it has none); resuming a running queue changes nothing.
     async fn queue_resume(&self, name: &str) -> StoreResult<QueueInfo>;
+
+    /// Sets the flow-control limits of a queue (creating its row if it has none), replacing the
+    /// previous ones: see [`QueueLimits`] for what they guarantee. Raising or removing a bound
+    /// wakes waiting claimants. [`StoreError::Invalid`] for a bound out of range.
+    async fn queue_set_limits(&self, name: &str, limits: &QueueLimits) -> StoreResult<QueueInfo>;
 
     /// Takes or renews the maintenance leadership for `candidate`: granted when nobody holds
     /// it, when the holder's leadership has lapsed (a new term), or when `candidate` holds it

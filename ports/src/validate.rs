@@ -4,7 +4,10 @@
 use faultline_domain::{JobSpec, Limits, SpecError};
 use serde_json::Value;
 
-use crate::{ClaimParams, ElectParams, Failure, ListParams, ProcessSpec, StoreError, StoreResult};
+use crate::{
+    ClaimParams, ElectParams, Failure, ListParams, ProcessSpec, QueueLimits, StoreError,
+    StoreResult,
+};
 
 /// Largest claim batch.
 pub const MAX_CLAIM_LIMIT: u32 = 10_000;
@@ -79,6 +82,21 @@ impl Failure {
 /// A queue name as every name: 1 to [`Limits::MAX_NAME_CHARS`] characters, no control characters.
 pub fn validate_queue_name(name: &str) -> StoreResult<()> {
     Limits::check_name("queue", name).map_err(invalid)
+}
+
+impl QueueLimits {
+    /// Each bound, when set, in `1..=QueueLimits::MAX_RUNNING`.
+    pub fn validate(&self) -> StoreResult<()> {
+        match self.max_running {
+            Some(n) if !(1..=QueueLimits::MAX_RUNNING).contains(&n) => {
+                Err(StoreError::Invalid(format!(
+                    "max_running must be between 1 and {} (or absent for no bound), got {n}",
+                    QueueLimits::MAX_RUNNING
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 impl ElectParams {

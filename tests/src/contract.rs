@@ -30,9 +30,11 @@ use crate::TestDb;
 
 mod expiry;
 mod fleet;
+mod limits;
 mod numbers;
 pub use expiry::*;
 pub use fleet::*;
+pub use limits::*;
 pub use numbers::*;
 
 /// Expands to one `#[tokio::test]` per contract case, in a module named `$name`, each building
@@ -93,6 +95,9 @@ macro_rules! contract_suite {
             writes_on_an_expired_lease_apply_until_it_is_rescued,
             expire_lease_ends_a_running_lease_now_as_a_rescue_would,
             payload_and_result_numbers_are_kept_exactly,
+            max_running_bounds_the_running_jobs_of_a_queue,
+            claims_over_bounded_and_open_queues_keep_the_claim_order,
+            concurrent_claims_never_exceed_max_running,
         );
     };
     (@cases $name:ident, $factory:expr; $($case:ident),+ $(,)?) => {

@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use faultline_ports::domain::{JobSpec, Limits, RetryPolicy};
-use faultline_ports::{ClaimParams, EnqueueOutcome, JobStore, LeaseRef, StoreError};
+use faultline_ports::{
+    ClaimParams, EnqueueOutcome, Failure, JobStore, LeaseRef, QueueLimits, StoreError,
+};
 use faultline_postgres::{MIGRATIONS_TABLE, MIGRATOR, NOTIFY_CHANNEL, PgStore};
 use faultline_tests::TestDb;
 use proptest::prelude::*;
@@ -186,6 +188,110 @@ async fn enqueue_in_a_committed_transaction_keeps_the_job_with_the_callers_write
         .await
         .unwrap();
     assert_eq!(orders, 1);
+}
+
+/// A job of a bounded queue that stops running (completed, failed, snoozed, rescued, expired by
+/// an operator) wakes the queue's claimants: a slot freed. Open queues are not notified then, and
+/// raising a bound notifies too.
+#[tokio::test]
+async fn a_freed_slot_of_a_bounded_queue_notifies_it() {
+    let db = TestDb::fresh().await;
+    let store = PgStore::new(db.pool().clone());
+    let bounded = QueueLimits {
+        max_running: Some(10),
+    };
+    store.queue_set_limits("bounded", &bounded).await.unwrap();
+    let claim = |queue: &str| ClaimParams {
+        queues: vec![queue.to_owned()],
+        kinds: vec![],
+        limit: 10,
+        lease_ms: 60_000,
+        worker_id: "w".into(),
+        claim_id: None,
+    };
+    for queue in ["bounded", "open"] {
+        store.job_enqueue_many(&vec![spec(queue); 5]).await.unwrap();
+    }
+    let held = store.job_claim(&claim("bounded")).await.unwrap();
+    let open = store.job_claim(&claim("open")).await.unwrap();
+    assert_eq!((held.len(), open.len()), (5, 5));
+    let mut listener = PgListener::connect(db.url()).await.unwrap();
+    listener.listen(NOTIFY_CHANNEL).await.unwrap();
+
+    // Open queue: its jobs end without a word.
+    store
+        .job_complete_many(&[(LeaseRef::of(&open[0]), None)])
+        .await
+        .unwrap();
+    store
+        .job_fail(
+            LeaseRef::of(&open[1]),
+            &Failure {
+                error: "x".into(),
+                kind: faultline_ports::domain::FailureKind::Error,
+                retryable: false,
+                retry_delay_ms: None,
+            },
+        )
+        .await
+        .unwrap();
+    store.job_enqueue(&spec("sentinel-1")).await.unwrap();
+    assert_eq!(
+        notified_until(&mut listener, "sentinel-1").await,
+        Vec::<String>::new()
+    );
+
+    // Bounded queue: each way out of `running` notifies it.
+    store
+        .job_complete_many(&[(LeaseRef::of(&held[0]), None)])
+        .await
+        .unwrap();
+    store
+        .job_complete(LeaseRef::of(&held[1]), None)
+        .await
+        .unwrap();
+    store
+        .job_fail_many(&[(
+            LeaseRef::of(&held[2]),
+            Failure {
+                error: "x".into(),
+                kind: faultline_ports::domain::FailureKind::Error,
+                retryable: true,
+                retry_delay_ms: Some(60_000),
+            },
+        )])
+        .await
+        .unwrap();
+    store
+        .job_snooze(LeaseRef::of(&held[3]), 60_000)
+        .await
+        .unwrap();
+    store.job_expire_lease(held[4].id).await.unwrap();
+    store.job_enqueue(&spec("sentinel-2")).await.unwrap();
+    assert_eq!(
+        notified_until(&mut listener, "sentinel-2").await,
+        ["bounded"; 5]
+    );
+
+    // Raising a bound notifies; lowering it does not.
+    store
+        .queue_set_limits(
+            "bounded",
+            &QueueLimits {
+                max_running: Some(3),
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .queue_set_limits("bounded", &QueueLimits { max_running: None })
+        .await
+        .unwrap();
+    store.job_enqueue(&spec("sentinel-3")).await.unwrap();
+    assert_eq!(
+        notified_until(&mut listener, "sentinel-3").await,
+        ["bounded"]
+    );
 }
 
 #[tokio::test]
@@ -478,6 +584,12 @@ async fn hot_statements_look_jobs_up_by_primary_key_under_forced_generic_plans()
         (
             "claim (several queues)",
             faultline_postgres::sql::CLAIM_MANY_QUEUES,
+            "text[]",
+            "'{plan,other}'",
+        ),
+        (
+            "claim (bounded queues)",
+            faultline_postgres::sql::CLAIM_CAPPED,
             "text[]",
             "'{plan,other}'",
         ),

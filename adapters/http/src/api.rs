@@ -8,8 +8,8 @@ use std::time::Duration;
 use chrono::Utc;
 use faultline_ports::domain::{FailureKind, Limits};
 use faultline_ports::{
-    ClaimParams, EnqueueOutcome, Failure, JobStore, LeaseRef, ListParams, StoreError, StoreResult,
-    validate_extend_ms, validate_queue_name, validate_result, validate_snooze_ms,
+    ClaimParams, EnqueueOutcome, Failure, JobStore, LeaseRef, ListParams, QueueLimits, StoreError,
+    StoreResult, validate_extend_ms, validate_queue_name, validate_result, validate_snooze_ms,
 };
 use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
@@ -27,12 +27,12 @@ use crate::dto::{
     LeaseRequest, LeasedJob, MAX_ERROR_CHARS, MAX_WAIT_SECONDS, NewJob, NewJobBatch, SnoozeRequest,
     Text, check_json_size, seconds_to_ms,
 };
-use crate::fleet::{QueueList, QueueSummary, QueueView, WorkerList};
+use crate::fleet::{QueueLimitsBody, QueueList, QueueSummary, QueueView, WorkerList};
 use crate::health::HealthCheck;
 use crate::lost;
 use crate::problem::{
     ActionError, BatchError, ClaimError, EnqueueError, LeaseError, ListError, Problem,
-    ProcessListError, QueueActionError, ReadError, StatsError,
+    ProcessListError, QueueActionError, QueueLimitsError, ReadError, StatsError,
 };
 use crate::telemetry;
 
@@ -486,8 +486,9 @@ impl QueuesApi {
     /// List queues
     ///
     /// Per queue that has a job or a row (a queue gets its row with its first job, or when it is
-    /// paused or resumed): the number of jobs in each state, the age of the oldest job that is
-    /// due but not yet leased, and whether the queue is paused. Sorted by name.
+    /// paused, resumed or given limits): the number of jobs in each state, the age of the oldest
+    /// job that is due but not yet leased, whether the queue is paused, and its `max_running`
+    /// bound with the slots free under it. Sorted by name.
     #[oai(path = "/queues", method = "get", operation_id = "list_queues")]
     async fn list_queues(&self, _auth: BearerAuth) -> Result<QueuesResponse, StatsError> {
         let ctx = &self.0;
@@ -538,6 +539,43 @@ impl QueuesApi {
         name: Path<String>,
     ) -> Result<QueueResponse, QueueActionError> {
         set_paused(&self.0, &name.0, false).await
+    }
+
+    /// Set a queue's limits
+    ///
+    /// Replaces the queue's flow-control limits with the ones given (an absent or null limit is
+    /// removed). `max_running` bounds the queue's running jobs across every worker and lease
+    /// request: the database counts them inside each claim, under a lock on the queue's row, so
+    /// concurrent claims never exceed it. It applies to every claim that starts after this
+    /// answers; jobs already running are never stopped by a lower bound. A job held back stays
+    /// `queued`, spends no attempt, and is leased as soon as a running job of the queue ends
+    /// (waiting workers and lease requests are woken then). A queue that has no row yet gets one.
+    #[oai(
+        path = "/queues/:name/limits",
+        method = "put",
+        operation_id = "set_queue_limits"
+    )]
+    async fn set_queue_limits(
+        &self,
+        _auth: BearerAuth,
+        /// The queue's name (percent-encoded in the path).
+        #[oai(validator(min_length = 1, max_length = 128))]
+        name: Path<String>,
+        body: Json<QueueLimitsBody>,
+    ) -> Result<QueueResponse, QueueLimitsError> {
+        let ctx = &self.0;
+        validate_queue_name(&name.0).map_err(Problem::from)?;
+        let limits = QueueLimits {
+            max_running: body.0.max_running,
+        };
+        let queue = ctx
+            .call(
+                "queue_set_limits",
+                ctx.store.queue_set_limits(&name.0, &limits),
+            )
+            .await?;
+        tracing::info!(queue = %queue.name, max_running = ?queue.max_running, "queue limits set over HTTP");
+        Ok(QueueResponse::Ok(Json(queue.into())))
     }
 }
 

@@ -45,6 +45,12 @@ pub(crate) struct QueueSummary {
     pub(crate) paused: bool,
     /// When it was last paused (kept after a resume); absent when it never was.
     pub(crate) paused_at: Option<DateTime<Utc>>,
+    /// The most jobs of the queue that may run at once across every worker and lease holder;
+    /// absent when there is no bound (`PUT /v1/queues/{name}/limits` sets it).
+    pub(crate) max_running: Option<i32>,
+    /// Slots left under `max_running` (never negative: 0 when a lowered bound is below the
+    /// jobs still running); absent when there is no bound.
+    pub(crate) free_slots: Option<i64>,
 }
 
 impl QueueSummary {
@@ -62,10 +68,13 @@ impl QueueSummary {
             let ms = (now - at).num_milliseconds().max(0);
             ms_to_seconds(ms)
         });
+        let running = count(JobState::Running);
+        let max_running = row.as_ref().and_then(|r| r.max_running);
+        let free_slots = max_running.map(|max| (i64::from(max) - running).max(0));
         QueueSummary {
             counts: StateCounts {
                 queued: count(JobState::Queued),
-                running: count(JobState::Running),
+                running,
                 succeeded: count(JobState::Succeeded),
                 failed: count(JobState::Failed),
                 cancelled: count(JobState::Cancelled),
@@ -75,6 +84,8 @@ impl QueueSummary {
             oldest_ready_age_seconds: age,
             paused: row.as_ref().is_some_and(|r| r.paused),
             paused_at: row.and_then(|r| r.paused_at),
+            max_running,
+            free_slots,
         }
     }
 
@@ -109,7 +120,7 @@ pub(crate) struct QueueList {
     pub(crate) queues: Vec<QueueSummary>,
 }
 
-/// A queue's row: whether it is paused.
+/// A queue's row: whether it is paused, and its limits.
 #[derive(Debug, Clone, Object)]
 #[oai(rename = "Queue", skip_serializing_if_is_none)]
 pub(crate) struct QueueView {
@@ -120,10 +131,26 @@ pub(crate) struct QueueView {
     pub(crate) paused: bool,
     /// When it was last paused (kept after a resume); absent when it never was.
     pub(crate) paused_at: Option<DateTime<Utc>>,
-    /// When the row appeared (with the queue's first job, or its first pause or resume).
+    /// The most jobs of the queue that may run at once across every worker and lease holder;
+    /// absent when there is no bound.
+    pub(crate) max_running: Option<i32>,
+    /// When the row appeared (with the queue's first job, or its first pause, resume or limit).
     pub(crate) created_at: DateTime<Utc>,
-    /// When `paused` last changed (or the row appeared).
+    /// When `paused` or a limit last changed (or the row appeared).
     pub(crate) updated_at: DateTime<Utc>,
+}
+
+/// The flow-control limits of a queue (`PUT /v1/queues/{name}/limits`): the whole set, each
+/// limit absent (or null) for none.
+#[derive(Debug, Clone, Object)]
+#[oai(rename = "QueueLimits", deny_unknown_fields)]
+pub(crate) struct QueueLimitsBody {
+    /// The most jobs of the queue that may run at once across every worker and HTTP lease
+    /// holder, counted by the database inside each claim (1 to 1000000); absent or null: no
+    /// bound. A job held back stays queued without spending an attempt and starts as soon as a
+    /// running one ends.
+    #[oai(validator(minimum(value = "1"), maximum(value = "1000000")))]
+    pub(crate) max_running: Option<i32>,
 }
 
 impl From<QueueInfo> for QueueView {
@@ -132,6 +159,7 @@ impl From<QueueInfo> for QueueView {
             name: queue.name,
             paused: queue.paused,
             paused_at: queue.paused_at,
+            max_running: queue.max_running,
             created_at: queue.created_at,
             updated_at: queue.updated_at,
         }

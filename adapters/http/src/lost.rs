@@ -81,29 +81,23 @@ impl Drop for InFlight {
         if tokio::runtime::Handle::try_current().is_err() {
             return;
         }
-        spawn_release(
-            lost.store,
-            lost.claim_id,
-            lost.sent,
-            lost.lease,
-            lost.call_timeout,
-            lost.worker_id,
-        );
+        spawn_release(lost);
     }
 }
 
 /// Starts giving back the jobs of the lost claim `claim_id`, sent at `sent` for a lease of
-/// `lease`: one `job_release_claim` now, then every [`RELEASE_EVERY`] until one gave jobs back
+/// `lease` (the fields of `lost`): one `job_release_claim` now, then every [`RELEASE_EVERY`] until one gave jobs back
 /// (a claim commits at most once) or until `sent + lease` has passed. Each call is bounded by
 /// `call_timeout`.
-fn spawn_release(
-    store: Arc<dyn JobStore>,
-    claim_id: i64,
-    sent: Instant,
-    lease: Duration,
-    call_timeout: Duration,
-    worker_id: String,
-) {
+fn spawn_release(lost: Lost) {
+    let Lost {
+        store,
+        claim_id,
+        sent,
+        lease,
+        call_timeout,
+        worker_id,
+    } = lost;
     let until = sent + lease;
     tokio::spawn(async move {
         loop {

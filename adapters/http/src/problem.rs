@@ -387,6 +387,26 @@ problem_responses! {
 }
 
 problem_responses! {
+    /// Errors of `PUT /v1/queues/{name}/limits`.
+    QueueLimitsError {
+        /// The body or the name does not match the schema (an unknown field, a bound below 1 or
+        /// above 1000000, a name empty or longer than 128 characters).
+        BadRequest = 400;
+        /// Missing or wrong bearer token (only when the server is configured with tokens).
+        Unauthorized = 401, header(name = "WWW-Authenticate", ty = "String");
+        /// The body exceeds the configured limit.
+        TooLarge = 413;
+        /// The body is not `application/json`.
+        UnsupportedMediaType = 415;
+        /// The name is refused (it contains control characters).
+        Invalid = 422;
+        /// The database is unavailable or did not answer in time (the change may or may not have
+        /// been applied); retry after `Retry-After` seconds: setting limits is idempotent.
+        Unavailable = 503, header(name = "Retry-After", ty = "u64");
+    }
+}
+
+problem_responses! {
     /// Errors of `GET /v1/workers`.
     ProcessListError {
         /// Missing or wrong bearer token (only when the server is configured with tokens).

@@ -5,7 +5,7 @@ use faultline_ports::domain::{Job, JobSpec};
 use faultline_ports::{
     ClaimParams, ElectParams, EnqueueOutcome, Enqueued, FailOutcome, Failure, HeartbeatOutcome,
     JobPage, JobStore, Leadership, LeaseRef, ListParams, ProcessInfo, ProcessSpec, PruneParams,
-    QueueBacklog, QueueInfo, QueueStats, StoreError, StoreResult, WriteOutcome,
+    QueueBacklog, QueueInfo, QueueLimits, QueueStats, StoreError, StoreResult, WriteOutcome,
 };
 use serde_json::Value;
 
@@ -91,6 +91,9 @@ impl JobStore for SpecOnlyStore {
         absent()
     }
     async fn queue_resume(&self, _: &str) -> StoreResult<QueueInfo> {
+        absent()
+    }
+    async fn queue_set_limits(&self, _: &str, _: &QueueLimits) -> StoreResult<QueueInfo> {
         absent()
     }
     async fn leader_elect(&self, _: &ElectParams) -> StoreResult<Leadership> {

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use faultline_ports::{
-    ElectParams, Leadership, ProcessInfo, ProcessSpec, QueueInfo, StoreResult, validate_process,
-    validate_queue_name,
+    ElectParams, Leadership, ProcessInfo, ProcessSpec, QueueInfo, QueueLimits, StoreResult,
+    validate_process, validate_queue_name,
 };
 
 /// The leadership row: who leads, in which term, until when.
@@ -50,6 +50,37 @@ impl Fleet {
     /// Whether no claim may take jobs of `queue`.
     pub(crate) fn is_paused(&self, queue: &str) -> bool {
         self.queues.get(queue).is_some_and(|q| q.paused)
+    }
+
+    /// The `max_running` bound of `queue`, if it has one.
+    pub(crate) fn max_running(&self, queue: &str) -> Option<i32> {
+        self.queues.get(queue).and_then(|q| q.max_running)
+    }
+
+    /// Sets the limits of `name` (creating its row). Returns the row and whether a bound was
+    /// raised or removed (slots may have freed).
+    pub(crate) fn set_limits(
+        &mut self,
+        name: &str,
+        limits: &QueueLimits,
+        now: DateTime<Utc>,
+    ) -> StoreResult<(QueueInfo, bool)> {
+        validate_queue_name(name)?;
+        limits.validate()?;
+        let queue = self
+            .queues
+            .entry(name.to_owned())
+            .or_insert_with(|| new_queue(name, now));
+        let raised = match (queue.max_running, limits.max_running) {
+            (_, None) => true,
+            (None, Some(_)) => true,
+            (Some(old), Some(new)) => new > old,
+        };
+        if queue.max_running != limits.max_running {
+            queue.max_running = limits.max_running;
+            queue.updated_at = now;
+        }
+        Ok((queue.clone(), raised))
     }
 
     pub(crate) fn queue_list(&self) -> Vec<QueueInfo> {
@@ -167,6 +198,7 @@ fn new_queue(name: &str, now: DateTime<Utc>) -> QueueInfo {
         name: name.to_owned(),
         paused: false,
         paused_at: None,
+        max_running: None,
         created_at: now,
         updated_at: now,
     }

@@ -20,8 +20,8 @@ use faultline_ports::domain::{Job, JobSpec};
 use faultline_ports::{
     ClaimParams, Clock, ElectParams, EnqueueOutcome, Enqueued, FailOutcome, Failure,
     HeartbeatOutcome, JobPage, JobStore, Leadership, LeaseRef, ListParams, ProcessInfo,
-    ProcessSpec, PruneParams, QueueBacklog, QueueInfo, QueueStats, StoreResult, SystemClock,
-    WriteOutcome,
+    ProcessSpec, PruneParams, QueueBacklog, QueueInfo, QueueLimits, QueueStats, StoreResult,
+    SystemClock, WriteOutcome,
 };
 use serde_json::Value;
 use tokio::sync::watch;
@@ -87,6 +87,21 @@ impl MemoryStore {
     fn notify_enqueue(&self) {
         self.inner.enqueued.send_modify(|n| *n = n.wrapping_add(1));
     }
+
+    /// A write of lease holders or of the maintenance: runs `write` on the state, then wakes
+    /// claimants when a job of a bounded queue stopped running (a slot freed), as Postgres
+    /// notifies then.
+    fn freeing<T>(&self, write: impl FnOnce(&mut State) -> T) -> T {
+        let (out, freed) = {
+            let mut state = self.state();
+            let out = write(&mut state);
+            (out, state.take_freed_slot())
+        };
+        if freed {
+            self.notify_enqueue();
+        }
+        out
+    }
 }
 
 impl Default for MemoryStore {
@@ -149,7 +164,7 @@ impl JobStore for MemoryStore {
 
     async fn job_complete(&self, lease: LeaseRef, result: Option<Value>) -> StoreResult<Job> {
         let now = self.now();
-        self.state().complete(lease, result, now)
+        self.freeing(|state| state.complete(lease, result, now))
     }
 
     async fn job_complete_many(
@@ -157,12 +172,12 @@ impl JobStore for MemoryStore {
         completions: &[(LeaseRef, Option<Value>)],
     ) -> StoreResult<Vec<WriteOutcome>> {
         let now = self.now();
-        self.state().complete_many(completions, now)
+        self.freeing(|state| state.complete_many(completions, now))
     }
 
     async fn job_fail(&self, lease: LeaseRef, failure: &Failure) -> StoreResult<Job> {
         let now = self.now();
-        self.state().fail(lease, failure, now)
+        self.freeing(|state| state.fail(lease, failure, now))
     }
 
     async fn job_fail_many(
@@ -170,12 +185,12 @@ impl JobStore for MemoryStore {
         failures: &[(LeaseRef, Failure)],
     ) -> StoreResult<Vec<FailOutcome>> {
         let now = self.now();
-        self.state().fail_many(failures, now)
+        self.freeing(|state| state.fail_many(failures, now))
     }
 
     async fn job_snooze(&self, lease: LeaseRef, delay_ms: i64) -> StoreResult<Job> {
         let now = self.now();
-        self.state().snooze(lease, delay_ms, now)
+        self.freeing(|state| state.snooze(lease, delay_ms, now))
     }
 
     async fn job_cancel(&self, id: i64) -> StoreResult<Job> {
@@ -192,12 +207,12 @@ impl JobStore for MemoryStore {
 
     async fn job_rescue_expired(&self, limit: u32) -> StoreResult<Vec<Job>> {
         let now = self.now();
-        self.state().rescue_expired(limit, now)
+        self.freeing(|state| state.rescue_expired(limit, now))
     }
 
     async fn job_expire_lease(&self, id: i64) -> StoreResult<Job> {
         let now = self.now();
-        self.state().expire_lease(id, now)
+        self.freeing(|state| state.expire_lease(id, now))
     }
 
     async fn job_get(&self, id: i64) -> StoreResult<Job> {
@@ -237,6 +252,15 @@ impl JobStore for MemoryStore {
         let queue = self.state().fleet.set_paused(name, false, now)?;
         // As Postgres notifies on a resume: its due jobs are claimable again.
         self.notify_enqueue();
+        Ok(queue)
+    }
+
+    async fn queue_set_limits(&self, name: &str, limits: &QueueLimits) -> StoreResult<QueueInfo> {
+        let now = self.now();
+        let (queue, raised) = self.state().fleet.set_limits(name, limits, now)?;
+        if raised {
+            self.notify_enqueue();
+        }
         Ok(queue)
     }
 

@@ -105,6 +105,9 @@ pub(crate) struct State {
     rng: SplitMix64,
     /// Queues, leadership and processes.
     pub(crate) fleet: Fleet,
+    /// A job of a bounded queue stopped running since the store last looked (see
+    /// [`State::take_freed_slot`]).
+    freed_slot: bool,
 }
 
 /// An outcome the selection logic rules out; reported, never panicked on.
@@ -133,6 +136,7 @@ impl State {
             last_id: 0,
             rng: SplitMix64::new(seed),
             fleet: Fleet::default(),
+            freed_slot: false,
         }
     }
 
@@ -146,8 +150,15 @@ impl State {
     fn apply(&mut self, id: i64, event: Event) -> Option<Result<&Job, TransitionError>> {
         let stored = self.jobs.get_mut(&id)?;
         self.index.remove(&stored.job);
+        let was_running = stored.job.state == JobState::Running;
         let result = stored.job.apply(event);
         self.index.insert(&stored.job);
+        if was_running
+            && stored.job.state != JobState::Running
+            && self.fleet.max_running(&stored.job.queue).is_some()
+        {
+            self.freed_slot = true;
+        }
         Some(result.map(|()| &stored.job))
     }
 
@@ -315,9 +326,20 @@ impl State {
         let kinds: BTreeSet<&str> = params.kinds.iter().map(String::as_str).collect();
         let mut candidates = Vec::new();
         for queue in queues {
-            if !self.fleet.is_paused(queue) {
-                self.due_in_queue(queue, &kinds, now, limit, &mut candidates);
+            if self.fleet.is_paused(queue) {
+                continue;
             }
+            // A bounded queue yields at most its free slots (as Postgres' capped claim).
+            let cap = match self.fleet.max_running(queue) {
+                Some(max) => {
+                    let free = usize::try_from(max)
+                        .unwrap_or(0)
+                        .saturating_sub(self.running_in(queue));
+                    free.min(limit)
+                }
+                None => limit,
+            };
+            self.due_in_queue(queue, &kinds, now, cap, &mut candidates);
         }
         candidates.sort_unstable();
         candidates.truncate(limit);
@@ -338,6 +360,22 @@ impl State {
             }
         }
         Ok(claimed)
+    }
+
+    /// The running jobs of `queue`.
+    fn running_in(&self, queue: &str) -> usize {
+        self.index
+            .leases
+            .iter()
+            .filter_map(|&(_, id)| self.jobs.get(&id))
+            .filter(|stored| stored.job.queue == queue)
+            .count()
+    }
+
+    /// Whether a job of a bounded queue stopped running since the last call (its claimants are
+    /// to be woken), clearing the mark.
+    pub(crate) fn take_freed_slot(&mut self) -> bool {
+        std::mem::take(&mut self.freed_slot)
     }
 
     /// Gives back the running jobs that claim call `claim_id` leased (a snooze of 0 ms each);

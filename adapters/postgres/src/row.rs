@@ -57,6 +57,7 @@ pub(crate) fn queue_from_row(row: &PgRow) -> Result<QueueInfo, sqlx::Error> {
         name: row.try_get("name")?,
         paused: row.try_get("paused")?,
         paused_at: row.try_get("paused_at")?,
+        max_running: row.try_get("max_running")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
     })

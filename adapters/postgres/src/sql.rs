@@ -191,28 +191,35 @@ returning "
     };
 }
 
-/// Claim from one queue: 1 queue, 2 kinds (empty: any), 3 limit, 4 worker, 5 lease_ms, 6 clock.
-/// The equality on the queue lets the partial claim index deliver the claim order directly: no
-/// sort, and the scan stops after `limit` unlocked jobs. A paused queue (one primary-key lookup
-/// in `faultline_queues`, evaluated once) yields nothing: the index is not even read.
+/// Claim from one queue: 1 queue, 2 kinds (empty: any), 3 limit, 4 worker, 5 lease_ms, 6 clock,
+/// 7 claim id. The equality on the queue lets the partial claim index deliver the claim order
+/// directly: no sort, and the scan stops after `limit` unlocked jobs. A paused queue, or one with
+/// a `max_running` bound (one primary-key lookup in `faultline_queues`, evaluated once), yields
+/// no job: the index is not even read. The result always has a row: `limited` says the queue is
+/// bounded (and not paused), so the caller claims through [`CLAIM_CAPPED`]; a row whose `id` is
+/// null carries no job.
 pub const CLAIM_ONE_QUEUE: &str = concat!(
     "with clock as materialized (select coalesce($6::timestamptz, now()) as now),
-open as materialized (
-    select not exists (
-        select 1 from faultline_queues q where q.name = $1::text and q.paused
-    ) as ok
+gate as materialized (
+    select coalesce(bool_or(q.paused), false) as paused,
+        coalesce(bool_or(q.max_running is not null and not q.paused), false) as limited
+    from faultline_queues q where q.name = $1::text
 ),
 picked as (
     select id from faultline_jobs
-    where (select ok from open) and state = 'queued' and queue = $1::text
+    where not (select paused or limited from gate) and state = 'queued' and queue = $1::text
       and (cardinality($2::text[]) = 0 or kind = any($2::text[]))
       and next_run_at <= (select now from clock)
     order by priority, next_run_at, id
     limit $3
     for update skip locked
-)",
+),
+claimed as (",
     claim_update!(),
-    job_columns!("j.")
+    job_columns!("j."),
+    "
+)
+select g.limited, k.* from gate g left join claimed k on true"
 );
 
 /// Claim from several queues: 1 queues, then as [`CLAIM_ONE_QUEUE`]. Each queue yields (and
@@ -221,13 +228,23 @@ picked as (
 /// would sort every due job of every queue. The other locked candidates are released when the
 /// statement commits. Paused queues are left out before any job is read (a primary-key lookup
 /// per queue: a scalar subquery, which the planner cannot turn into a scan-and-hash anti-join).
+/// When one of the queues has a `max_running` bound (and is not paused), nothing is claimed and
+/// `limited` says so: the caller claims through [`CLAIM_CAPPED`], so that the claim order holds
+/// across bounded and unbounded queues.
 pub const CLAIM_MANY_QUEUES: &str = concat!(
     "with clock as materialized (select coalesce($6::timestamptz, now()) as now),
+gate as materialized (
+    select coalesce(bool_or((
+        select fq.max_running is not null and not fq.paused
+        from faultline_queues fq where fq.name = u.q
+    )), false) as limited
+    from unnest($1::text[]) as u(q)
+),
 picked as (
     select c.id
     from (
         select distinct u.q from unnest($1::text[]) as u(q)
-        where not coalesce(
+        where not (select limited from gate) and not coalesce(
             (select fq.paused from faultline_queues fq where fq.name = u.q), false
         )
     ) as queues
@@ -238,6 +255,59 @@ picked as (
           and next_run_at <= (select now from clock)
         order by priority, next_run_at, id
         limit $3
+        for update skip locked
+    ) as c
+    order by c.priority, c.next_run_at, c.id
+    limit $3
+),
+claimed as (",
+    claim_update!(),
+    job_columns!("j."),
+    "
+)
+select g.limited, k.* from gate g left join claimed k on true"
+);
+
+/// The first statement of a claim that touches bounded queues: locks the rows of the given
+/// queues that have a `max_running` bound, in name order (so two such claims never deadlock), for
+/// the rest of the claim's transaction. 1 queues.
+pub const LOCK_BOUNDED_QUEUES: &str = "select name from faultline_queues
+where name = any($1::text[]) and max_running is not null
+order by name collate \"C\"
+for update";
+
+/// The second statement of that claim, parameters as [`CLAIM_MANY_QUEUES`]: as that claim, but
+/// each bounded queue yields at most `max_running` minus its running jobs. Its snapshot is taken
+/// after [`LOCK_BOUNDED_QUEUES`] got the locks, so the count includes every job that any other
+/// claim of these queues leased (that claim held the lock until it committed): two claims can
+/// never both take a queue's last slot. The count reads the running jobs through the rescue index.
+pub const CLAIM_CAPPED: &str = concat!(
+    "with clock as materialized (select coalesce($6::timestamptz, now()) as now),
+rows as materialized (
+    select t.q,
+        (select fq.max_running from faultline_queues fq where fq.name = t.q) as max_running,
+        coalesce((select fq.paused from faultline_queues fq where fq.name = t.q), false) as paused
+    from (select distinct u.q from unnest($1::text[]) as u(q)) as t
+),
+queues as materialized (
+    select rows.q,
+        case when rows.max_running is null then $3::int8
+        else greatest(0, least($3::int8, rows.max_running - (
+            select count(*) from faultline_jobs r where r.state = 'running' and r.queue = rows.q
+        ))) end as cap
+    from rows
+    where not rows.paused
+),
+picked as (
+    select c.id
+    from queues
+    cross join lateral (
+        select id, priority, next_run_at from faultline_jobs
+        where state = 'queued' and queue = queues.q
+          and (cardinality($2::text[]) = 0 or kind = any($2::text[]))
+          and next_run_at <= (select now from clock)
+        order by priority, next_run_at, id
+        limit queues.cap
         for update skip locked
     ) as c
     order by c.priority, c.next_run_at, c.id
@@ -274,6 +344,32 @@ notified as (
 )
 select count(*) as released from released cross join notified";
 
+/// The tail of a statement whose CTE `$done` ends running jobs (its rows carry `queue`): wakes the
+/// claimants of the bounded queues among them (a job of a queue with `max_running` that stops
+/// running frees a slot there; unbounded queues are not notified), and selects `$cols` of
+/// `$done`.
+macro_rules! freeing_slots {
+    ($done:literal, $cols:literal) => {
+        concat!(
+            "
+freed as (
+    select count(pg_notify('faultline_jobs', d.queue)) as n
+    from (select distinct queue from ",
+            $done,
+            ") d
+    where exists (
+        select 1 from faultline_queues q where q.name = d.queue and q.max_running is not null
+    )
+)
+select ",
+            $cols,
+            " from ",
+            $done,
+            " cross join freed"
+        )
+    };
+}
+
 /// Extends leases: 1 ids, 2 tokens, 3 extend_ms, 4 clock. The expected state travels with the
 /// array in a materialized CTE so the plan stays a primary-key lookup per item (PERF-NOTES trap 1).
 pub const HEARTBEAT_MANY: &str = "with input as materialized (
@@ -287,27 +383,37 @@ from input i, clock c
 where j.id = i.id and j.fencing_token = i.token and j.state = i.st
 returning j.id, j.fencing_token, j.lease_expires_at, j.cancel_requested";
 
-/// Completes leased jobs: 1 ids, 2 tokens, 3 results, 4 clock. Same plan shape as the heartbeat.
-pub const COMPLETE_MANY: &str = "with input as materialized (
+/// Completes leased jobs: 1 ids, 2 tokens, 3 results, 4 clock. Same plan shape as the heartbeat;
+/// wakes the claimants of bounded queues.
+pub const COMPLETE_MANY: &str = concat!(
+    "with input as materialized (
     select t.id, t.token, t.result, 'running'::text as st
     from unnest($1::int8[], $2::int8[], $3::jsonb[]) as t(id, token, result)
 ),
-clock as materialized (select coalesce($4::timestamptz, now()) as now)
-update faultline_jobs j
-set state = 'succeeded', result = i.result, finished_at = c.now, lease_expires_at = null
-from input i, clock c
-where j.id = i.id and j.fencing_token = i.token and j.state = i.st
-returning j.id, j.fencing_token";
+clock as materialized (select coalesce($4::timestamptz, now()) as now),
+done as (
+    update faultline_jobs j
+    set state = 'succeeded', result = i.result, finished_at = c.now, lease_expires_at = null
+    from input i, clock c
+    where j.id = i.id and j.fencing_token = i.token and j.state = i.st
+    returning j.id, j.fencing_token, j.queue
+),",
+    freeing_slots!("done", "done.id, done.fencing_token")
+);
 
 /// Completes one leased job: 1 id, 2 token, 3 result, 4 clock.
 pub const COMPLETE_ONE: &str = concat!(
-    "with clock as materialized (select coalesce($4::timestamptz, now()) as now)
-update faultline_jobs j
-set state = 'succeeded', result = $3::jsonb, finished_at = c.now, lease_expires_at = null
-from clock c
-where j.id = $1 and j.fencing_token = $2 and j.state = 'running'
-returning ",
-    job_columns!("j.")
+    "with clock as materialized (select coalesce($4::timestamptz, now()) as now),
+done as (
+    update faultline_jobs j
+    set state = 'succeeded', result = $3::jsonb, finished_at = c.now, lease_expires_at = null
+    from clock c
+    where j.id = $1 and j.fencing_token = $2 and j.state = 'running'
+    returning ",
+    job_columns!("j."),
+    "
+),",
+    freeing_slots!("done", "done.*")
 );
 
 /// Records failed attempts (`Job::apply` with `FailRetryable` / `FailPermanently`), each fenced by
@@ -321,7 +427,8 @@ pub const FAIL_MANY: &str = concat!(
     from unnest($1::int8[], $2::int8[], $3::text[], $4::bool[], $5::int8[], $6::text[])
         as t(id, token, error, retryable, delay_ms, kind)
 ),
-clock as materialized (select coalesce($8::timestamptz, now()) as now)
+clock as materialized (select coalesce($8::timestamptz, now()) as now),
+done as (
 update faultline_jobs j
 set last_error = i.error,
     errors = faultline_push_error(j.errors, jsonb_build_object(
@@ -343,13 +450,17 @@ set last_error = i.error,
 from input i, clock c
 where j.id = i.id and j.fencing_token = i.token and j.state = i.st
 returning ",
-    job_columns!("j.")
+    job_columns!("j."),
+    "
+),",
+    freeing_slots!("done", "done.*")
 );
 
 /// Puts a leased job back without using up its attempt (`Job::apply` with `Snooze`):
 /// 1 id, 2 token, 3 delay_ms, 4 clock.
 pub const SNOOZE: &str = concat!(
-    "with clock as materialized (select coalesce($4::timestamptz, now()) as now)
+    "with clock as materialized (select coalesce($4::timestamptz, now()) as now),
+done as (
 update faultline_jobs j
 set attempts = j.attempts - 1,
     state = case when j.cancel_requested then 'cancelled' else 'queued' end,
@@ -360,7 +471,10 @@ set attempts = j.attempts - 1,
 from clock c
 where j.id = $1 and j.fencing_token = $2 and j.state = 'running'
 returning ",
-    job_columns!("j.")
+    job_columns!("j."),
+    "
+),",
+    freeing_slots!("done", "done.*")
 );
 
 /// Cancels a queued job or marks a running one: 1 id, 2 clock. No row: missing or finished.
@@ -441,7 +555,8 @@ expired as materialized (
     order by lease_expires_at, id
     limit $1
     for update skip locked
-)
+),
+done as (
 update faultline_jobs j
 ",
     lease_expiry_set!(),
@@ -449,21 +564,28 @@ update faultline_jobs j
 where j.id = e.id and j.state = e.st and j.fencing_token = e.fencing_token
   and j.lease_expires_at <= e.now
 returning e.lease_expires_at as rescued_lease_end, ",
-    job_columns!("j.")
+    job_columns!("j."),
+    "
+),",
+    freeing_slots!("done", "done.*")
 );
 
 /// An operator's "expire lease now" (`Job::apply` with `LeaseExpired` at now, the lease ending
 /// now): the rescue's lease expiry applied to one running job whatever its lease end: 1 id,
 /// 2 clock, 3 history length kept. No row: missing or not running.
 pub const EXPIRE_LEASE: &str = concat!(
-    "with clock as materialized (select coalesce($2::timestamptz, now()) as now)
+    "with clock as materialized (select coalesce($2::timestamptz, now()) as now),
+done as (
 update faultline_jobs j
 ",
     lease_expiry_set!(),
     "from clock e
 where j.id = $1 and j.state = 'running'
 returning ",
-    job_columns!("j.")
+    job_columns!("j."),
+    "
+),",
+    freeing_slots!("done", "done.*")
 );
 
 /// One job by id.
@@ -539,7 +661,7 @@ delete from faultline_jobs j using doomed d where j.id = d.id";
 /// The columns of a queue row.
 macro_rules! queue_columns {
     () => {
-        "name, paused, paused_at, created_at, updated_at"
+        "name, paused, paused_at, max_running, created_at, updated_at"
     };
 }
 
@@ -569,6 +691,33 @@ upserted as (
 ),
 notified as (
     select count(pg_notify('faultline_jobs', u.name)) as n from upserted u where not u.paused
+)
+select ",
+    queue_columns!(),
+    " from upserted cross join notified"
+);
+
+/// Sets a queue's limits, creating its row if needed: 1 name, 2 max_running (NULL: no bound),
+/// 3 clock. Notifies the queue when the bound was raised or removed (slots may have freed).
+pub const QUEUE_SET_LIMITS: &str = concat!(
+    "with clock as materialized (select coalesce($3::timestamptz, now()) as now),
+before as materialized (
+    select max_running from faultline_queues where name = $1::text
+),
+upserted as (
+    insert into faultline_queues as q (name, max_running, created_at, updated_at)
+    select $1::text, $2::int4, c.now, c.now from clock c
+    on conflict (name) do update
+    set max_running = excluded.max_running,
+        updated_at = case when excluded.max_running is distinct from q.max_running
+            then excluded.updated_at else q.updated_at end
+    returning ",
+    queue_columns!(),
+    "
+),
+notified as (
+    select count(pg_notify('faultline_jobs', u.name)) as n from upserted u
+    where u.max_running is null or u.max_running > coalesce((select max_running from before), 0)
 )
 select ",
     queue_columns!(),
@@ -687,7 +836,7 @@ where last_seen_at < coalesce($2::timestamptz, now()) - $1::int8 * interval '1 m
 mod tests {
     use super::*;
 
-    const ALL: [&str; 32] = [
+    const ALL: [&str; 35] = [
         ENQUEUE_ONE,
         ENQUEUE_MANY_PLAIN,
         ENQUEUE_MANY_KEYED,
@@ -713,6 +862,9 @@ mod tests {
         PRUNE,
         QUEUE_LIST,
         QUEUE_SET_PAUSED,
+        QUEUE_SET_LIMITS,
+        LOCK_BOUNDED_QUEUES,
+        CLAIM_CAPPED,
         LEADER_ELECT,
         LEADER_RESIGN,
         LEADER_GET,

@@ -11,8 +11,8 @@ use faultline_domain::{AttemptError, EventKind, Job, JobSpec, JobState, Limits};
 use faultline_ports::{
     ClaimParams, Clock, ElectParams, EnqueueOutcome, Enqueued, FailOutcome, Failure,
     HeartbeatOutcome, JobPage, JobStore, Leadership, LeaseRef, ListParams, ProcessInfo,
-    ProcessSpec, PruneParams, QueueBacklog, QueueInfo, QueueStats, StoreError, StoreResult,
-    WriteOutcome,
+    ProcessSpec, PruneParams, QueueBacklog, QueueInfo, QueueLimits, QueueStats, StoreError,
+    StoreResult, WriteOutcome,
 };
 use faultline_ports::{
     validate_extend_ms, validate_process, validate_queue_name, validate_result, validate_snooze_ms,
@@ -618,21 +618,31 @@ impl JobStore for PgStore {
             [queue] => sqlx::query(sql::CLAIM_ONE_QUEUE).bind(queue),
             queues => sqlx::query(sql::CLAIM_MANY_QUEUES).bind(queues),
         };
-        let rows = query
-            .bind(&params.kinds)
-            .bind(i64::from(params.limit))
-            .bind(&params.worker_id)
-            .bind(params.lease_ms)
-            .bind(self.now())
-            .bind(params.claim_id)
+        let rows = self
+            .bind_claim(query, params)
             .fetch_all(&self.pool)
             .await
             .map_err(backend)?;
-        let mut jobs = rows
-            .iter()
-            .map(job_from_row)
-            .collect::<Result<Vec<Job>, _>>()
-            .map_err(backend)?;
+        let limited = match rows.first() {
+            Some(row) => row.try_get::<bool, _>("limited").map_err(backend)?,
+            None => false,
+        };
+        let mut jobs = if limited {
+            // One of the queues has a `max_running` bound: the statement claimed nothing.
+            self.claim_capped(params).await?
+        } else {
+            let mut jobs = Vec::with_capacity(rows.len());
+            for row in &rows {
+                if row
+                    .try_get::<Option<i64>, _>("id")
+                    .map_err(backend)?
+                    .is_some()
+                {
+                    jobs.push(job_from_row(row).map_err(backend)?);
+                }
+            }
+            jobs
+        };
         jobs.sort_by_key(|job| (job.priority, job.next_run_at, job.id));
         Ok(jobs)
     }
@@ -995,6 +1005,19 @@ impl JobStore for PgStore {
         self.set_paused(name, false).await
     }
 
+    async fn queue_set_limits(&self, name: &str, limits: &QueueLimits) -> StoreResult<QueueInfo> {
+        validate_queue_name(name)?;
+        limits.validate()?;
+        let row = sqlx::query(sql::QUEUE_SET_LIMITS)
+            .bind(name)
+            .bind(limits.max_running)
+            .bind(self.now())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(backend)?;
+        queue_from_row(&row).map_err(backend)
+    }
+
     async fn leader_elect(&self, params: &ElectParams) -> StoreResult<Leadership> {
         params.validate()?;
         let row = sqlx::query(sql::LEADER_ELECT)
@@ -1092,6 +1115,45 @@ impl JobStore for PgStore {
 }
 
 impl PgStore {
+    /// Binds the parameters after the queue(s) of every claim statement: kinds, limit, worker,
+    /// lease, clock and claim id.
+    fn bind_claim<'q>(
+        &self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        params: &'q ClaimParams,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(&params.kinds)
+            .bind(i64::from(params.limit))
+            .bind(&params.worker_id)
+            .bind(params.lease_ms)
+            .bind(self.now())
+            .bind(params.claim_id)
+    }
+
+    /// A claim that touches bounded queues, in one transaction: their rows locked first, then the
+    /// capped claim under a snapshot that sees every claim that held those locks before (see
+    /// `sql::CLAIM_CAPPED`).
+    async fn claim_capped(&self, params: &ClaimParams) -> StoreResult<Vec<Job>> {
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        sqlx::query(sql::LOCK_BOUNDED_QUEUES)
+            .bind(&params.queues)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(backend)?;
+        let query = sqlx::query(sql::CLAIM_CAPPED).bind(&params.queues);
+        let rows = self
+            .bind_claim(query, params)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(backend)?;
+        tx.commit().await.map_err(backend)?;
+        rows.iter()
+            .map(job_from_row)
+            .collect::<Result<Vec<Job>, _>>()
+            .map_err(backend)
+    }
+
     async fn set_paused(&self, name: &str, paused: bool) -> StoreResult<QueueInfo> {
         validate_queue_name(name)?;
         let row = sqlx::query(sql::QUEUE_SET_PAUSED)

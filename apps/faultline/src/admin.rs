@@ -1,4 +1,4 @@
-//! The operator commands: `faultline queue list | pause NAME | resume NAME`,
+//! The operator commands: `faultline queue list | pause NAME | resume NAME | limit NAME`,
 //! `faultline worker list` and `faultline job expire-lease ID`. Each connects to the database at `--database-url` / `DATABASE_URL`
 //! (and refuses an unmigrated one), asks the store, and prints a table or the queue's new state.
 
@@ -10,7 +10,9 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use clap::error::ErrorKind;
 use clap::{ArgMatches, Args, Subcommand};
 use faultline_ports::domain::{Job, JobState};
-use faultline_ports::{JobStore, Leadership, ProcessInfo, QueueInfo, QueueStats, StoreError};
+use faultline_ports::{
+    JobStore, Leadership, ProcessInfo, QueueInfo, QueueLimits, QueueStats, StoreError,
+};
 use faultline_postgres::PgStore;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -43,6 +45,43 @@ pub(crate) enum QueueAction {
     /// Resume a queue: its due jobs are claimed again at once. Resuming an active queue changes
     /// nothing.
     Resume(QueueName),
+    /// Set a queue's flow-control limits (the whole set: a limit not given is removed).
+    Limit(QueueLimitArgs),
+}
+
+/// `faultline queue limit NAME --max-running N|none`.
+#[derive(Debug, Args)]
+pub(crate) struct QueueLimitArgs {
+    /// The queue (created, as a row, if it has none yet).
+    #[arg(value_name = "NAME")]
+    pub(crate) name: String,
+
+    /// The most jobs of the queue that may run at once across every worker and HTTP lease
+    /// holder (1 to 1000000), or `none` for no bound. Counted by the database inside each claim;
+    /// held-back jobs stay queued without spending an attempt. Effective for every claim that
+    /// starts after the command returns; a lower bound stops no running job.
+    #[arg(long, value_name = "N|none", value_parser = parse_max_running, allow_negative_numbers = true)]
+    pub(crate) max_running: Bound,
+
+    #[command(flatten)]
+    pub(crate) database: DatabaseArgs,
+}
+
+/// A bound or none, as `--max-running` takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Bound(pub(crate) Option<i32>);
+
+fn parse_max_running(text: &str) -> Result<Bound, String> {
+    if text.eq_ignore_ascii_case("none") {
+        return Ok(Bound(None));
+    }
+    match text.parse::<i32>() {
+        Ok(n) if (1..=QueueLimits::MAX_RUNNING).contains(&n) => Ok(Bound(Some(n))),
+        _ => Err(format!(
+            "expected a whole number from 1 to {} or `none`",
+            QueueLimits::MAX_RUNNING
+        )),
+    }
 }
 
 /// Only the database.
@@ -152,8 +191,28 @@ pub(crate) async fn queue(command: QueueCommand) -> anyhow::Result<()> {
         }
         QueueAction::Pause(args) => set_paused(args, true).await?,
         QueueAction::Resume(args) => set_paused(args, false).await?,
+        QueueAction::Limit(args) => {
+            faultline_ports::validate_queue_name(&args.name)?;
+            let limits = QueueLimits {
+                max_running: args.max_running.0,
+            };
+            let (store, pool) = connect(&args.database.database_url).await?;
+            let changed = store.queue_set_limits(&args.name, &limits).await;
+            pool.close().await;
+            let queue =
+                changed.with_context(|| format!("set the limits of queue {:?}", args.name))?;
+            println!("{}", limits_line(&queue));
+        }
     }
     Ok(())
+}
+
+/// One line: the queue's limits after `queue limit`.
+fn limits_line(queue: &QueueInfo) -> String {
+    match queue.max_running {
+        Some(n) => format!("queue {}: at most {n} running at once", queue.name),
+        None => format!("queue {}: no bound on running jobs", queue.name),
+    }
 }
 
 /// `faultline queue pause|resume NAME`.
@@ -284,6 +343,7 @@ fn queue_table(stats: Vec<QueueStats>, rows: Vec<QueueInfo>, now: DateTime<Utc>)
         "SUCCEEDED",
         "FAILED",
         "CANCELLED",
+        "MAX RUNNING",
         "OLDEST READY",
     ]);
     for (name, (stats, row)) in queues {
@@ -297,6 +357,10 @@ fn queue_table(stats: Vec<QueueStats>, rows: Vec<QueueInfo>, now: DateTime<Utc>)
             Some(QueueInfo { paused: true, .. }) => "yes".to_owned(),
             _ => "no".to_owned(),
         };
+        let max_running = row
+            .as_ref()
+            .and_then(|r| r.max_running)
+            .map_or_else(|| "-".to_owned(), |n| n.to_string());
         let oldest = stats
             .as_ref()
             .and_then(|s| s.oldest_ready_at)
@@ -309,6 +373,7 @@ fn queue_table(stats: Vec<QueueStats>, rows: Vec<QueueInfo>, now: DateTime<Utc>)
             count(JobState::Succeeded),
             count(JobState::Failed),
             count(JobState::Cancelled),
+            max_running,
             oldest,
         ]);
     }
@@ -469,6 +534,7 @@ mod tests {
             name: name.into(),
             paused,
             paused_at: paused.then(|| at(0)),
+            max_running: (!paused).then_some(5),
             created_at: at(-60),
             updated_at: at(0),
         }
@@ -492,10 +558,10 @@ mod tests {
         assert_eq!(
             table,
             "\
-QUEUE   PAUSED                           QUEUED  RUNNING  SUCCEEDED  FAILED  CANCELLED  OLDEST READY
-a-old   no                                    0        0       1234       0          0  -
-b-busy  no                                    7        0       1234       0          0  1m 5s
-c-idle  yes, since 2027-01-15T08:00:00Z       0        0          0       0          0  -
+QUEUE   PAUSED                           QUEUED  RUNNING  SUCCEEDED  FAILED  CANCELLED  MAX RUNNING  OLDEST READY
+a-old   no                                    0        0       1234       0          0  -            -
+b-busy  no                                    7        0       1234       0          0  5            1m 5s
+c-idle  yes, since 2027-01-15T08:00:00Z       0        0          0       0          0  -            -
 "
         );
         assert!(queue_table(Vec::new(), Vec::new(), at(0)).starts_with("no queues"));

@@ -71,6 +71,18 @@ async fn ok(db: &TestDb, args: &[&str]) -> String {
     output.stdout
 }
 
+/// A claim of up to 10 jobs of the queue `mail`.
+fn mail_claim() -> ClaimParams {
+    ClaimParams {
+        queues: vec!["mail".into()],
+        kinds: Vec::new(),
+        limit: 10,
+        lease_ms: 30_000,
+        worker_id: "admin-test".into(),
+        claim_id: None,
+    }
+}
+
 /// The `queue list` line of `queue`, split into its columns.
 fn queue_line(table: &str, queue: &str) -> Vec<String> {
     let line = table
@@ -95,6 +107,55 @@ async fn wait_for(store: &PgStore, id: i64, done: impl Fn(&Job) -> bool) -> Job 
         assert!(Instant::now() < deadline, "at the deadline: {job:?}");
         tokio::time::sleep(POLL).await;
     }
+}
+
+#[tokio::test]
+async fn queue_limit_sets_and_removes_the_bound_the_claims_obey() {
+    let db = TestDb::fresh().await;
+    let store = PgStore::new(db.pool().clone());
+    for _ in 0..5 {
+        store
+            .job_enqueue(&JobSpec::new("noop", json!({})).queue("mail"))
+            .await
+            .expect("enqueue");
+    }
+    let set = ok(&db, &["queue", "limit", "mail", "--max-running", "2"]).await;
+    assert_eq!(set.trim_end(), "queue mail: at most 2 running at once");
+    let rows = store.queue_list().await.expect("rows");
+    assert_eq!(rows[0].max_running, Some(2), "{rows:?}");
+    let claim = mail_claim();
+    assert_eq!(store.job_claim(&claim).await.expect("claim").len(), 2);
+    let table = ok(&db, &["queue", "list"]).await;
+    assert_eq!(queue_line(&table, "mail")[7], "2", "{table}");
+
+    let removed = ok(&db, &["queue", "limit", "mail", "--max-running", "none"]).await;
+    assert_eq!(removed.trim_end(), "queue mail: no bound on running jobs");
+    assert_eq!(store.job_claim(&claim).await.expect("claim").len(), 3);
+    assert_eq!(
+        queue_line(&ok(&db, &["queue", "list"]).await, "mail")[7],
+        "-"
+    );
+
+    for bad in ["0", "-3", "1000001", "many", ""] {
+        let output = run(
+            &["queue", "limit", "mail", "--max-running", bad],
+            &[("DATABASE_URL", db.url())],
+        )
+        .await;
+        assert_eq!(output.code, Some(2), "{bad:?}: {output:?}");
+        assert!(
+            output.stderr.contains("from 1 to 1000000 or `none`"),
+            "{bad:?}: {output:?}"
+        );
+    }
+    let missing = run(&["queue", "limit", "mail"], &[("DATABASE_URL", db.url())]).await;
+    assert_eq!(missing.code, Some(2), "{missing:?}");
+    assert!(missing.stderr.contains("--max-running"), "{missing:?}");
+    assert_eq!(
+        store.queue_list().await.expect("rows")[0].max_running,
+        None,
+        "refused commands changed nothing"
+    );
 }
 
 #[tokio::test]
@@ -136,6 +197,8 @@ async fn queue_pause_list_and_resume_change_what_the_database_holds() {
             "SUCCEEDED",
             "FAILED",
             "CANCELLED",
+            "MAX",
+            "RUNNING",
             "OLDEST",
             "READY"
         ]
@@ -159,14 +222,7 @@ async fn queue_pause_list_and_resume_change_what_the_database_holds() {
     assert_eq!(queue_line(&table, "bulk")[1..3], ["no", "1"], "{table}");
 
     // Nothing of the paused queue is claimed; after the resume, its jobs are.
-    let claim = ClaimParams {
-        queues: vec!["mail".into()],
-        kinds: Vec::new(),
-        limit: 10,
-        lease_ms: 30_000,
-        worker_id: "admin-test".into(),
-        claim_id: None,
-    };
+    let claim = mail_claim();
     assert_eq!(store.job_claim(&claim).await.expect("claim"), []);
 
     let resumed = ok(&db, &["queue", "resume", "mail"]).await;

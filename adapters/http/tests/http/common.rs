@@ -11,7 +11,8 @@ use faultline_ports::domain::{Job, JobSpec};
 use faultline_ports::{
     ClaimParams, ElectParams, EnqueueOutcome, Enqueued, FailOutcome, Failure, HeartbeatOutcome,
     JobPage, JobStore, Leadership, LeaseRef, ListParams, ManualClock, ProcessInfo, ProcessSpec,
-    PruneParams, QueueBacklog, QueueInfo, QueueStats, StoreError, StoreResult, WriteOutcome,
+    PruneParams, QueueBacklog, QueueInfo, QueueLimits, QueueStats, StoreError, StoreResult,
+    WriteOutcome,
 };
 use poem::endpoint::BoxEndpoint;
 use poem::http::{HeaderMap, Method, StatusCode};
@@ -252,6 +253,10 @@ impl JobStore for FaultyStore {
     async fn queue_resume(&self, name: &str) -> StoreResult<QueueInfo> {
         self.gate().await?;
         self.inner.queue_resume(name).await
+    }
+    async fn queue_set_limits(&self, name: &str, limits: &QueueLimits) -> StoreResult<QueueInfo> {
+        self.gate().await?;
+        self.inner.queue_set_limits(name, limits).await
     }
     async fn leader_elect(&self, params: &ElectParams) -> StoreResult<Leadership> {
         self.gate().await?;

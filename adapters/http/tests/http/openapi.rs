@@ -63,7 +63,7 @@ fn every_v1_operation_declares_bearer_auth_and_problem_responses() {
     let ops = operations(&doc);
     assert_eq!(
         ops.len(),
-        17,
+        18,
         "{:?}",
         ops.iter().map(|o| (&o.0, &o.1)).collect::<Vec<_>>()
     );

@@ -204,3 +204,88 @@ async fn pausing_needs_a_token_like_every_write() {
         .assert_status(200);
     assert!(h.store.inner.queue_list().await.expect("rows")[0].paused);
 }
+
+/// `PUT /v1/queues/{name}/limits` with `body`.
+async fn put_limits(h: &Harness, queue: &str, body: Value) -> crate::common::Reply {
+    send(
+        h.request(Method::PUT, &format!("/v1/queues/{queue}/limits"))
+            .body_json(&body),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn max_running_bounds_what_lease_requests_get_and_shows_in_the_queue_list() {
+    let h = Harness::new();
+    for n in 0..5 {
+        h.enqueue(json!({"kind": "k", "queue": "mail", "payload": n}))
+            .await;
+    }
+    h.clock.advance_ms(1_000);
+    let set = put_limits(&h, "mail", json!({"max_running": 2})).await;
+    let set = set.assert_status(200).clone();
+    assert_eq!(set["name"], "mail");
+    assert_eq!(set["max_running"], 2);
+    assert_eq!(instant(&set["updated_at"]), h.clock.now());
+
+    let leased = lease_now(&h, "mail").await;
+    assert_eq!(leased.len(), 2, "{leased:?}");
+    assert!(lease_now(&h, "mail").await.is_empty(), "the bound is taken");
+    let listed = summary(&h, "mail").await;
+    assert_eq!(listed["max_running"], 2, "{listed}");
+    assert_eq!(listed["free_slots"], 0, "{listed}");
+    assert_eq!(listed["counts"]["running"], 2, "{listed}");
+
+    // A completion frees a slot.
+    let job = &leased[0];
+    let done = h
+        .post(
+            &format!("/v1/jobs/{}/complete", job["id"]),
+            json!({"lease_token": job["lease_token"]}),
+        )
+        .await;
+    done.assert_status(200);
+    assert_eq!(lease_now(&h, "mail").await.len(), 1);
+
+    // Null (or an absent field) removes the bound; the list then shows none.
+    let open = put_limits(&h, "mail", json!({"max_running": null})).await;
+    let open = open.assert_status(200).clone();
+    assert!(open.get("max_running").is_none(), "{open}");
+    assert_eq!(lease_now(&h, "mail").await.len(), 2);
+    let listed = summary(&h, "mail").await;
+    assert!(listed.get("max_running").is_none(), "{listed}");
+    assert!(listed.get("free_slots").is_none(), "{listed}");
+    put_limits(&h, "fresh", json!({})).await.assert_status(200);
+}
+
+#[tokio::test]
+async fn bad_limits_are_refused_with_problems_and_change_nothing() {
+    let h = Harness::new();
+    put_limits(&h, "mail", json!({"max_running": 3}))
+        .await
+        .assert_status(200);
+    for body in [
+        json!({"max_running": 0}),
+        json!({"max_running": -1}),
+        json!({"max_running": 1_000_001}),
+        json!({"max_running": "3"}),
+        json!({"max_running": 2.5}),
+        json!({"max_runing": 3}),
+        json!([3]),
+    ] {
+        put_limits(&h, "mail", body.clone())
+            .await
+            .assert_problem(400, types::BAD_REQUEST);
+    }
+    put_limits(&h, "bad%07name", json!({"max_running": 1}))
+        .await
+        .assert_problem(422, types::INVALID_REQUEST);
+    let text = send(
+        h.request(Method::PUT, "/v1/queues/mail/limits")
+            .content_type("text/plain")
+            .body("max_running=1"),
+    )
+    .await;
+    text.assert_problem(415, types::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(summary(&h, "mail").await["max_running"], 3);
+}
